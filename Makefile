@@ -1,0 +1,51 @@
+# paytoken: one entry point for set-up, build, test and bench.
+# Everything installs into .venv from pyproject.toml's pinned versions.
+
+PYTHON3 ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MPY_CROSS := $(VENV)/bin/mpy-cross
+# Another unix-port build can be used: make test MICROPYTHON=/path/to/micropython
+MICROPYTHON ?= $(abspath $(VENV)/bin/micropython)
+BOARD ?= unix_sim
+PORT ?=
+export MICROPYTHON
+
+FW_SRC := $(shell find firmware -name '*.py' 2>/dev/null)
+BUILD := build/firmware
+
+.PHONY: all venv firmware lint test test-long bench deploy clean
+
+all: test
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# Compile every firmware module with mpy-cross: a syntax or feature error fails the build.
+firmware: venv
+	$(PY) -m paytoken_host.fwbuild --mpy-cross $(MPY_CROSS) --board $(BOARD) --out $(BUILD)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: firmware lint
+	$(PY) -m pytest -q
+
+test-long: firmware lint
+	$(PY) -m pytest -q --run-slow
+
+bench: firmware
+	$(PY) -m tests.bench
+
+# Hardware only: copies build/firmware to a board over USB with mpremote.
+deploy: firmware
+	@test -n "$(PORT)" || (echo "usage: make deploy PORT=/dev/ttyUSB0 [BOARD=...]" >&2; exit 2)
+	$(VENV)/bin/mpremote connect $(PORT) fs cp -r $(BUILD)/. : + reset
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

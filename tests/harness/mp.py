@@ -1,0 +1,165 @@
+"""Run firmware code on the real MicroPython unix port and talk to it from pytest (JSON lines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER = Path(__file__).with_name("mp_server.py")
+FIRMWARE_BUILD = ROOT / "build" / "firmware"
+
+
+def micropython_command() -> str:
+    """MICROPYTHON from the environment, else the venv's `micropython`, else the one on PATH."""
+    env = os.environ.get("MICROPYTHON")
+    if env:
+        return env
+    candidate = Path(sys.executable).with_name("micropython")
+    return str(candidate) if candidate.exists() else "micropython"
+
+
+def micropython_path(extra: list[Path] | None = None) -> str:
+    """MICROPYPATH: the unix port's frozen modules, then the compiled firmware lib, then extras."""
+    parts = [".frozen", str(FIRMWARE_BUILD / "lib"), str(FIRMWARE_BUILD)]
+    parts += [str(p) for p in extra or []]
+    return ":".join(parts)
+
+
+class MicroPythonError(Exception):
+    """An exception raised by firmware code, with the MicroPython exception's type name."""
+
+    def __init__(self, kind: str, msg: str):
+        super().__init__(f"{kind}: {msg}")
+        self.kind = kind
+        self.msg = msg
+
+
+def _enc(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return {"$b": bytes(v).hex()}
+    if isinstance(v, (list, tuple)):
+        return [_enc(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _enc(x) for k, x in v.items()}
+    return v
+
+
+def _dec(v: Any) -> Any:
+    if isinstance(v, dict):
+        if "$b" in v:
+            return bytes.fromhex(v["$b"])
+        return {k: _dec(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_dec(x) for x in v]
+    return v
+
+
+def _result(reply: dict) -> Any:
+    if "err" in reply:
+        raise MicroPythonError(reply["err"], reply["msg"])
+    return _dec(reply["ok"])
+
+
+class MicroPython:
+    """One `micropython` process serving calls into the firmware package.
+
+    heapsize is passed as -X heapsize= so the firmware runs within a device's RAM budget.
+    """
+
+    def __init__(self, heapsize: str = "512K", extra_path: list[Path] | None = None):
+        self.heapsize = heapsize
+        env = dict(os.environ, MICROPYPATH=micropython_path(extra_path))
+        self.proc = subprocess.Popen(
+            [micropython_command(), "-X", f"heapsize={heapsize}", str(SERVER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
+        )
+        self.log: list[str] = []
+
+    def request(self, req: dict) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                stderr = self.proc.stderr.read() if self.proc.stderr else ""
+                raise RuntimeError(f"micropython exited ({self.proc.poll()}): {stderr.strip()}")
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+            self.log.append(line.rstrip("\n"))
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call firmware function `name` (dotted path) and return its result; raise MicroPythonError."""
+        return _result(self.request({"call": name, "args": _enc(args), "kwargs": _enc(kwargs)}))
+
+    def map(self, name: str, argsets: list[tuple | list]) -> list[tuple[bool, Any]]:
+        """Call `name` once per argument list; each outcome is (True, result) or (False, "Kind: msg").
+
+        Requests are sent in chunks of about MAP_CHUNK bytes so the device-side JSON stays small.
+        """
+        outcomes: list[tuple[bool, Any]] = []
+        chunk: list[Any] = []
+        size = 0
+        for args in argsets:
+            encoded = _enc(list(args))
+            chunk.append(encoded)
+            size += len(json.dumps(encoded))
+            if size >= self.MAP_CHUNK:
+                outcomes += self._map_chunk(name, chunk)
+                chunk, size = [], 0
+        if chunk:
+            outcomes += self._map_chunk(name, chunk)
+        return outcomes
+
+    MAP_CHUNK = 16384
+
+    def _map_chunk(self, name: str, chunk: list[Any]) -> list[tuple[bool, Any]]:
+        replies = _result(self.request({"map": name, "argsets": chunk}))
+        return [
+            (True, _dec(r["ok"])) if "ok" in r else (False, f"{r['err']}: {r['msg']}") for r in replies
+        ]
+
+    def exec(self, source: str) -> None:
+        _result(self.request({"exec": source}))
+
+    def eval(self, expr: str) -> Any:
+        return _result(self.request({"eval": expr}))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> MicroPython:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_script(source: str, heapsize: str = "512K", timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a standalone MicroPython script with the firmware on its path (used for memory budgets)."""
+    env = dict(os.environ, MICROPYPATH=micropython_path())
+    return subprocess.run(
+        [micropython_command(), "-X", f"heapsize={heapsize}", "-c", source],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=timeout,
+    )
