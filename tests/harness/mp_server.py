@@ -3,9 +3,9 @@
 #           {"map": "pkg.mod.fn", "argsets": [[...], ...]}  (one result per argument list)
 #           {"exec": "source"}  /  {"eval": "expression"}   (in one namespace kept between requests)
 # Bytes travel as {"$b": "hex"}. Replies start with "@@ " so firmware prints can't be mistaken for them.
-import sys
 import gc
 import json
+import sys
 from binascii import hexlify, unhexlify
 
 _ns = {}

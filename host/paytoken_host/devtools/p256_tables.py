@@ -94,7 +94,7 @@ def render() -> str:
     for name, blob in tables().items():
         lines.append(f"{name} = (")
         for i in range(0, len(blob), 32):
-            escaped = "".join("\\x%02x" % b for b in blob[i : i + 32])
+            escaped = "".join(f"\\x{b:02x}" for b in blob[i : i + 32])
             lines.append(f'    b"{escaped}"')
         lines.append(")")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 # HMAC-SHA256 (RFC 2104) and HKDF-SHA256 (RFC 5869) over hashlib.sha256.
 from hashlib import sha256
+
 from micropython import const
 
 _BLOCK = const(64)

@@ -346,13 +346,15 @@ def _rfc6979_k(d, h1):
     V = hmac(K, V)
     K = hmac(K, V + b"\x01" + x + h)
     V = hmac(K, V)
-    while True:
+    # Each round succeeds with probability ~1 - 2^-32; a long run means a broken HMAC, not bad luck.
+    for _ in range(16):
         V = hmac(K, V)
         k = _int(V)
         if 0 < k < N:
             yield k
         K = hmac(K, V + b"\x00")
         V = hmac(K, V)
+    raise RuntimeError("RFC 6979: no nonce found")
 
 
 def sign(priv32, msg):

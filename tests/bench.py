@@ -1,0 +1,160 @@
+"""`make bench`: speed and memory of the firmware on the real MicroPython unix port, as a printed table.
+
+Each firmware operation is timed in its own `micropython` process (median of many runs) twice: with
+a roomy heap and inside the ESP32-like 32 KB heap, where garbage collection costs what it would on
+the device. "min heap" is the smallest -X heapsize (1 KB steps) in which importing the module and
+running the operation once succeeds: the RAM it needs, code included (modules are loaded from .mpy
+into the heap on the unix port; a frozen ESP32 build keeps code and tables in flash instead).
+The host column is the `cryptography` package on CPython for the same operation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from paytoken_host import fwbuild
+
+from tests.harness.mp import FIRMWARE_BUILD, run_script
+
+RUNS = 41
+TIMING = """
+import time, gc
+{setup}
+def _op():
+    {expr}
+_op()
+ts = []
+for _ in range({runs}):
+    t0 = time.ticks_us()
+    _op()
+    ts.append(time.ticks_diff(time.ticks_us(), t0))
+ts.sort()
+print(ts[len(ts) // 2])
+"""
+
+
+@dataclass
+class Op:
+    name: str
+    setup: str  # MicroPython source run once
+    expr: str  # MicroPython statement timed
+    target_ms: float | None
+    host: Callable[[], Callable[[], object]] | None  # builds the cryptography-side callable
+
+
+def median_us(setup: str, expr: str, heapsize: str) -> float | None:
+    proc = run_script(TIMING.format(setup=setup, expr=expr, runs=RUNS), heapsize=heapsize, timeout=600)
+    if proc.returncode != 0:
+        return None
+    return float(proc.stdout.split()[-1])
+
+
+def min_heap_kb(setup: str, expr: str, lo: int = 8, hi: int = 256) -> int | None:
+    source = f"{setup}\n{expr}\n"
+    if run_script(source, heapsize=f"{hi}K").returncode != 0:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if run_script(source, heapsize=f"{mid}K").returncode == 0:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def host_median_us(factory: Callable[[], Callable[[], object]]) -> float:
+    fn = factory()
+    fn()
+    samples = []
+    for _ in range(200):
+        t0 = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    return statistics.median(samples)
+
+
+def crypto_ops() -> list[Op]:
+    from paytoken_host.devtools import benchhost as h
+
+    key = f"d = bytes.fromhex('{os.urandom(32).hex()}')"
+    peer = f"from paytoken.crypto import p256\npeer = p256.public_key(bytes.fromhex('{os.urandom(32).hex()}'))"
+    msg = f"msg = bytes.fromhex('{os.urandom(100).hex()}')"
+    # Random data: zero bytes would become small ints in MicroPython and flatter the timings.
+    gcm = f"k, n, pt, ad = [bytes.fromhex(x) for x in {[os.urandom(n).hex() for n in (32, 12, 256, 32)]!r}]"
+    return [
+        Op("P-256 public key", f"from paytoken.crypto import p256\n{key}", "p256.public_key(d)", None,
+           h.p256_keygen),
+        Op("P-256 sign (RFC 6979)", f"from paytoken.crypto import p256\n{key}\n{msg}", "p256.sign(d, msg)", 2.5,
+           h.p256_sign),
+        Op("P-256 verify", f"from paytoken.crypto import p256\n{key}\n{msg}\npub = p256.public_key(d)\n"
+           "sig = p256.sign(d, msg)", "p256.verify(pub, msg, sig)", 6.0, h.p256_verify),
+        Op("P-256 ECDH", f"{peer}\n{key}", "p256.ecdh(d, peer)", 5.0, h.p256_ecdh),
+        Op("X25519 shared", f"from paytoken.crypto import x25519\n{key}\npub = x25519.public_key(d)",
+           "x25519.shared(d, pub)", 3.0, h.x25519_shared),
+        Op("X25519 public key", f"from paytoken.crypto import x25519\n{key}", "x25519.public_key(d)", 3.0,
+           h.x25519_public),
+        Op("AES-256-GCM encrypt 256 B", f"from paytoken.crypto import aesgcm\n{gcm}",
+           "aesgcm.encrypt(k, n, pt, ad)", 1.0, h.aesgcm_encrypt),
+        Op("AES-256-GCM decrypt 256 B", f"from paytoken.crypto import aesgcm\n{gcm}\nct = aesgcm.encrypt(k, n, pt, ad)",
+           "aesgcm.decrypt(k, n, ct, ad)", 1.0, h.aesgcm_decrypt),
+        Op("HMAC-SHA256 64 B", "from paytoken.crypto import kdf\nk = bytes(32)\nm = bytes(64)",
+           "kdf.hmac_sha256(k, m)", None, h.hmac_sha256),
+        Op("HKDF-SHA256 64 B out", "from paytoken.crypto import kdf\nk = bytes(32)",
+           "kdf.hkdf_sha256(b'salt', k, b'info', 64)", None, h.hkdf_sha256),
+    ]
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def run_crypto(rows: list[dict]) -> None:
+    header = (
+        f"{'operation':28} {'uPy ms':>8} {'uPy ms@32K':>10} {'target':>7} {'host ms':>8} {'min heap':>9} "
+        f"{'32K ok':>6}"
+    )
+    print("\n== Firmware crypto core (MicroPython unix port; host = cryptography on CPython)")
+    print(header)
+    print("-" * len(header))
+    for op in crypto_ops():
+        roomy = median_us(op.setup, op.expr, "1M")
+        small = median_us(op.setup, op.expr, "32K")
+        host = host_median_us(op.host) if op.host else None
+        heap = min_heap_kb(op.setup, op.expr)
+        row = {
+            "operation": op.name,
+            "upy_ms": roomy and roomy / 1000,
+            "upy_ms_32k": small and small / 1000,
+            "target_ms": op.target_ms,
+            "host_ms": host and host / 1000,
+            "min_heap_kb": heap,
+            "fits_32k": heap is not None and heap <= 32,
+        }
+        rows.append(row)
+        met = "" if op.target_ms is None or roomy is None else (" ok" if roomy / 1000 <= op.target_ms else " MISS")
+        print(
+            f"{op.name:28} {fmt(row['upy_ms']):>8} {fmt(row['upy_ms_32k']):>10} "
+            f"{fmt(op.target_ms, 1):>7} {fmt(row['host_ms']):>8} {str(heap) + ' KB':>9} "
+            f"{'yes' if row['fits_32k'] else 'NO':>6}{met}",
+            flush=True,
+        )
+
+
+def main() -> int:
+    fwbuild.build(FIRMWARE_BUILD)
+    rows: list[dict] = []
+    run_crypto(rows)
+    out = fwbuild.ROOT / "build" / "bench.json"
+    out.write_text(json.dumps(rows, indent=2))
+    print(f"\n(rows also written to {out.relative_to(fwbuild.ROOT)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Every module and name the firmware imports exists in a stock ESP32 MicroPython build.
+
+Checked against the published ESP32 port stubs (micropython-esp32-esp32-generic-stubs) and their
+MicroPython stdlib stubs, so code that only runs here because the unix port has more cannot land.
+"""
+
+from __future__ import annotations
+
+import ast
+import sysconfig
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = Path(sysconfig.get_paths()["purelib"])
+STUB_ROOTS = [SITE, SITE / "stdlib"]
+FIRMWARE_FILES = sorted((ROOT / "firmware").rglob("*.py"))
+OWN_PACKAGES = {"paytoken", "board"}
+
+
+@cache
+def stub_file(module: str) -> Path | None:
+    rel = Path(*module.split("."))
+    for root in STUB_ROOTS:
+        for candidate in (root / f"{rel}.pyi", root / rel / "__init__.pyi"):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+@cache
+def stub_names(module: str) -> frozenset[str]:
+    path = stub_file(module)
+    assert path is not None
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name == "*" and isinstance(node, ast.ImportFrom) and node.module:
+                    if stub_file(node.module):
+                        names |= stub_names(node.module)
+                else:
+                    names.add(alias.asname or alias.name.split(".")[0])
+    return frozenset(names)
+
+
+def external_uses(path: Path) -> list[tuple[int, str, str | None]]:
+    """(line, module, name or None) for every import of a non-firmware module and module.attr use."""
+    tree = ast.parse(path.read_text())
+    uses: list[tuple[int, str, str | None]] = []
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] not in OWN_PACKAGES:
+                    uses.append((node.lineno, alias.name, None))
+                    aliases[alias.asname or alias.name] = alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] not in OWN_PACKAGES:
+                for alias in node.names:
+                    uses.append((node.lineno, node.module, alias.name))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            uses.append((node.lineno, aliases[node.value.id], node.attr))
+    return uses
+
+
+def test_firmware_files_found():
+    assert any(p.name == "p256.py" for p in FIRMWARE_FILES)
+
+
+@pytest.mark.parametrize("path", FIRMWARE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_firmware_uses_only_esp32_api(path: Path):
+    missing = []
+    for line, module, name in external_uses(path):
+        if stub_file(module) is None:
+            missing.append(f"line {line}: module {module!r} is not in the ESP32 build")
+        elif name is not None and name not in stub_names(module):
+            missing.append(f"line {line}: {module}.{name} is not in the ESP32 build")
+    assert not missing, "\n".join(missing)
+
+
+def test_checker_catches_unix_only_api(tmp_path: Path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import ffi\nfrom hashlib import sha512\nimport cryptolib\ncryptolib.aes\n")
+    found = {(m, n) for _, m, n in external_uses(bad)}
+    assert {("ffi", None), ("hashlib", "sha512"), ("cryptolib", "aes")} <= found
+    assert stub_file("ffi") is None  # unix-only: would be reported
+    assert "sha512" not in stub_names("hashlib")  # the ESP32 build has no SHA-512
+    assert "sha256" in stub_names("hashlib") and "aes" in stub_names("cryptolib")
