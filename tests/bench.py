@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from paytoken_host import fwbuild
-
 from tests.harness.mp import FIRMWARE_BUILD, run_script
 
 RUNS = 41

@@ -10,8 +10,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
-from paytoken_host.devtools import p256_tables
 
+from paytoken_host.devtools import p256_tables
 from tests import wycheproof
 from tests.harness.mp import MicroPythonError, run_script
 
