@@ -115,7 +115,7 @@ def fmt(v: float | None, digits: int = 3) -> str:
 
 def run_crypto(rows: list[dict]) -> None:
     header = (
-        f"{'operation':28} {'uPy ms':>8} {'uPy ms@32K':>10} {'target':>7} {'host ms':>8} {'min heap':>9} "
+        f"{'operation':28} {'uPy ms':>8} {'uPy ms@32K':>10} {'target':>7} {'host us':>8} {'min heap':>9} "
         f"{'32K ok':>6}"
     )
     print("\n== Firmware crypto core (MicroPython unix port; host = cryptography on CPython)")
@@ -139,7 +139,7 @@ def run_crypto(rows: list[dict]) -> None:
         met = "" if op.target_ms is None or roomy is None else (" ok" if roomy / 1000 <= op.target_ms else " MISS")
         print(
             f"{op.name:28} {fmt(row['upy_ms']):>8} {fmt(row['upy_ms_32k']):>10} "
-            f"{fmt(op.target_ms, 1):>7} {fmt(row['host_ms']):>8} {str(heap) + ' KB':>9} "
+            f"{fmt(op.target_ms, 1):>7} {fmt(row['host_ms'] and row['host_ms'] * 1000, 1):>8} {str(heap) + ' KB':>9} "
             f"{'yes' if row['fits_32k'] else 'NO':>6}{met}",
             flush=True,
         )

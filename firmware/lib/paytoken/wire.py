@@ -1,0 +1,328 @@
+# The one definition of paytoken's binary formats (docs/protocol.md describes every byte).
+# Pure encoding and decoding, no crypto and no hardware: runs on the device, on the unix port and under
+# CPython in the host tools, so signatures made on one verify byte-exactly on the other.
+#
+# Every signed object starts with a type byte and a version byte and ends with a 64-byte P-256
+# signature (r || s) over everything before it. Decoding is strict: wrong type, unknown version, wrong
+# length or trailing bytes raise WireError, never a partial object.
+import struct
+from collections import namedtuple
+
+try:
+    from micropython import const
+except ImportError:  # CPython host tools
+    def const(x):
+        return x
+
+SIG_LEN = const(64)
+ID_LEN = const(8)
+HASH_LEN = const(32)
+NONCE_LEN = const(8)
+TXID_LEN = const(16)
+WALLET_SHORT_LEN = const(4)
+KEY_ID_LEN = const(4)
+
+T_CERT = const(0x43)  # 'C'
+T_REVOCATION = const(0x52)  # 'R'
+T_PAYMENT = const(0x50)  # 'P'
+T_RECEIPT = const(0x41)  # 'A'
+VERSION = const(1)
+
+ROLE_PAYER = const(1)
+ROLE_PAYEE = const(2)
+
+QR_VERSION = const(1)
+QR_ADDR_RANDOM = const(1)
+QR_HAS_AMOUNT = const(2)
+
+
+class WireError(ValueError):
+    pass
+
+
+def _check_header(data, kind, name):
+    if len(data) < 2 or data[0] != kind:
+        raise WireError(name + ": wrong type")
+    if data[1] != VERSION:
+        raise WireError(name + ": unknown version")
+
+
+def _check_len(data, n, name):
+    if len(data) != n:
+        raise WireError(name + ": wrong length")
+
+
+# ---- device certificate ----
+# type, version, serial u32, device_id 8, role u8, identity_pub 33 (compressed P-256),
+# [x25519_pub 32 if role has ROLE_PAYEE], currency u16, limit_payment u32, limit_offline u32,
+# max_holding u32, not_before u32, not_after u32, issuer_key_id 4, signature 64
+_CERT_HEAD = ">BBI8sB33s"
+_CERT_TAIL = ">HIIIII4s"
+_CERT_HEAD_LEN = struct.calcsize(_CERT_HEAD)
+_CERT_TAIL_LEN = struct.calcsize(_CERT_TAIL)
+
+Certificate = namedtuple("Certificate", (
+    "serial", "device_id", "role", "identity_pub", "x25519_pub", "currency", "limit_payment",
+    "limit_offline", "max_holding", "not_before", "not_after", "issuer_key_id", "raw"))
+
+
+def cert_length(role):
+    return _CERT_HEAD_LEN + (32 if role & ROLE_PAYEE else 0) + _CERT_TAIL_LEN + SIG_LEN
+
+
+def cert_body(serial, device_id, role, identity_pub, x25519_pub, currency, limit_payment, limit_offline,
+              max_holding, not_before, not_after, issuer_key_id):
+    # The bytes the issuer signs; the certificate is these bytes followed by the signature.
+    if role not in (ROLE_PAYER, ROLE_PAYEE, ROLE_PAYER | ROLE_PAYEE):
+        raise WireError("certificate: bad role")
+    if len(device_id) != ID_LEN or len(identity_pub) != 33 or len(issuer_key_id) != KEY_ID_LEN:
+        raise WireError("certificate: bad field length")
+    if bool(role & ROLE_PAYEE) != (x25519_pub is not None) or (x25519_pub is not None and len(x25519_pub) != 32):
+        raise WireError("certificate: x25519 key goes with the payee role")
+    head = struct.pack(_CERT_HEAD, T_CERT, VERSION, serial, device_id, role, identity_pub)
+    tail = struct.pack(_CERT_TAIL, currency, limit_payment, limit_offline, max_holding, not_before, not_after,
+                       issuer_key_id)
+    return head + (x25519_pub or b"") + tail
+
+
+def decode_cert(data):
+    data = bytes(data)
+    _check_header(data, T_CERT, "certificate")
+    if len(data) < _CERT_HEAD_LEN:
+        raise WireError("certificate: wrong length")
+    _, _, serial, device_id, role, identity_pub = struct.unpack_from(_CERT_HEAD, data, 0)
+    if role not in (ROLE_PAYER, ROLE_PAYEE, ROLE_PAYER | ROLE_PAYEE):
+        raise WireError("certificate: bad role")
+    _check_len(data, cert_length(role), "certificate")
+    off = _CERT_HEAD_LEN
+    xpub = None
+    if role & ROLE_PAYEE:
+        xpub = data[off:off + 32]
+        off += 32
+    currency, lim_pay, lim_off, max_hold, nb, na, key_id = struct.unpack_from(_CERT_TAIL, data, off)
+    if identity_pub[0] not in (2, 3):
+        raise WireError("certificate: identity key not compressed SEC1")
+    return Certificate(serial, device_id, role, identity_pub, xpub, currency, lim_pay, lim_off, max_hold,
+                       nb, na, key_id, data)
+
+
+# ---- revocation list (backend-signed) ----
+# type, version, list_version u32, issued_at u32, count u16, device ids (8 each, strictly ascending),
+# signature 64
+_RL_HEAD = ">BBIIH"
+_RL_HEAD_LEN = struct.calcsize(_RL_HEAD)
+
+RevocationList = namedtuple("RevocationList", ("list_version", "issued_at", "device_ids", "raw"))
+
+
+def revocation_body(list_version, issued_at, device_ids):
+    ids = sorted(set(bytes(i) for i in device_ids))
+    for i in ids:
+        if len(i) != ID_LEN:
+            raise WireError("revocation list: bad device id")
+    return struct.pack(_RL_HEAD, T_REVOCATION, VERSION, list_version, issued_at, len(ids)) + b"".join(ids)
+
+
+def decode_revocation(data):
+    data = bytes(data)
+    _check_header(data, T_REVOCATION, "revocation list")
+    if len(data) < _RL_HEAD_LEN:
+        raise WireError("revocation list: wrong length")
+    _, _, list_version, issued_at, count = struct.unpack_from(_RL_HEAD, data, 0)
+    _check_len(data, _RL_HEAD_LEN + count * ID_LEN + SIG_LEN, "revocation list")
+    ids = []
+    prev = b""
+    for i in range(count):
+        o = _RL_HEAD_LEN + i * ID_LEN
+        d = data[o:o + ID_LEN]
+        if d <= prev:
+            raise WireError("revocation list: ids not strictly ascending")
+        ids.append(d)
+        prev = d
+    return RevocationList(list_version, issued_at, ids, data)
+
+
+# ---- payment (signed by the payer's identity key) ----
+# type, version, txid 16, payer_id 8, payee_id 8, amount u32 (minor units), currency u16, counter u32,
+# offline_spent u32 (payer's offline spending before this payment), prev_hash 32 (SHA-256 of the payer's
+# previous payment, zeros for its first), qr_nonce 8, handshake_hash 32, time u32 (0 = unknown),
+# signature 64
+_PAY = ">BB16s8s8sIHII32s8s32sI"
+PAYMENT_BODY_LEN = struct.calcsize(_PAY)
+PAYMENT_LEN = PAYMENT_BODY_LEN + SIG_LEN
+
+Payment = namedtuple("Payment", (
+    "txid", "payer_id", "payee_id", "amount", "currency", "counter", "offline_spent", "prev_hash",
+    "qr_nonce", "handshake_hash", "time", "raw"))
+
+
+def payment_body(txid, payer_id, payee_id, amount, currency, counter, offline_spent, prev_hash, qr_nonce,
+                 handshake_hash, time):
+    if (len(txid), len(payer_id), len(payee_id), len(prev_hash), len(qr_nonce), len(handshake_hash)) != \
+            (TXID_LEN, ID_LEN, ID_LEN, HASH_LEN, NONCE_LEN, HASH_LEN):
+        raise WireError("payment: bad field length")
+    return struct.pack(_PAY, T_PAYMENT, VERSION, txid, payer_id, payee_id, amount, currency, counter,
+                       offline_spent, prev_hash, qr_nonce, handshake_hash, time)
+
+
+def decode_payment(data):
+    data = bytes(data)
+    _check_header(data, T_PAYMENT, "payment")
+    _check_len(data, PAYMENT_LEN, "payment")
+    f = struct.unpack_from(_PAY, data, 0)
+    return Payment(f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12], data)
+
+
+# ---- receipt (the payee's countersignature over a payment) ----
+# type, version, payment_hash 32 (SHA-256 of the whole signed payment), status u8 (reasons.OK: accepted
+# and credited; otherwise the reason the payee refused it, which voids the payment), payee_seq u32 (the
+# payee's own record counter), time u32 (0 = unknown), signature 64
+_RCPT = ">BB32sBII"
+RECEIPT_BODY_LEN = struct.calcsize(_RCPT)
+RECEIPT_LEN = RECEIPT_BODY_LEN + SIG_LEN
+
+Receipt = namedtuple("Receipt", ("payment_hash", "status", "payee_seq", "time", "raw"))
+
+
+def receipt_body(payment_hash, status, payee_seq, time):
+    if len(payment_hash) != HASH_LEN:
+        raise WireError("receipt: bad field length")
+    return struct.pack(_RCPT, T_RECEIPT, VERSION, payment_hash, status, payee_seq, time)
+
+
+def decode_receipt(data):
+    data = bytes(data)
+    _check_header(data, T_RECEIPT, "receipt")
+    _check_len(data, RECEIPT_LEN, "receipt")
+    _, _, payment_hash, status, payee_seq, time = struct.unpack_from(_RCPT, data, 0)
+    return Receipt(payment_hash, status, payee_seq, time, data)
+
+
+def signed_part(raw):
+    # The bytes a signature covers: everything but the trailing signature.
+    return raw[:-SIG_LEN]
+
+
+def signature(raw):
+    return raw[-SIG_LEN:]
+
+
+# ---- QR payload (what the payee shows; base45 text in a QR code) ----
+# byte 0: version << 4 | flags (QR_ADDR_RANDOM, QR_HAS_AMOUNT); wallet_short 4 (first bytes of the payee's
+# device id); ble_addr 6; x25519_pub 32; nonce 8; [amount u32, currency u16 if QR_HAS_AMOUNT]
+# 51 bytes = 77 base45 characters without an amount: exactly a version-3 QR at level L.
+_QR = ">B4s6s32s8s"
+QR_LEN = struct.calcsize(_QR)
+QR_AMOUNT_LEN = QR_LEN + 6
+
+QrPayload = namedtuple("QrPayload", ("wallet_short", "ble_addr", "addr_random", "x25519_pub", "nonce",
+                                     "amount", "currency", "raw"))
+
+
+def qr_payload(wallet_short, ble_addr, addr_random, x25519_pub, nonce, amount=None, currency=None):
+    if (len(wallet_short), len(ble_addr), len(x25519_pub), len(nonce)) != (WALLET_SHORT_LEN, 6, 32, NONCE_LEN):
+        raise WireError("qr: bad field length")
+    flags = QR_ADDR_RANDOM if addr_random else 0
+    tail = b""
+    if amount is not None:
+        flags |= QR_HAS_AMOUNT
+        tail = struct.pack(">IH", amount, currency)
+    return struct.pack(_QR, QR_VERSION << 4 | flags, wallet_short, ble_addr, x25519_pub, nonce) + tail
+
+
+def decode_qr(data):
+    data = bytes(data)
+    if not data:
+        raise WireError("qr: empty")
+    if data[0] >> 4 != QR_VERSION:
+        raise WireError("qr: unknown version")
+    flags = data[0] & 15
+    if flags & ~(QR_ADDR_RANDOM | QR_HAS_AMOUNT):
+        raise WireError("qr: unknown flags")
+    _check_len(data, QR_AMOUNT_LEN if flags & QR_HAS_AMOUNT else QR_LEN, "qr")
+    _, wallet_short, addr, xpub, nonce = struct.unpack_from(_QR, data, 0)
+    amount = currency = None
+    if flags & QR_HAS_AMOUNT:
+        amount, currency = struct.unpack_from(">IH", data, QR_LEN)
+    return QrPayload(wallet_short, addr, bool(flags & QR_ADDR_RANDOM), xpub, nonce, amount, currency, data)
+
+
+# ---- session messages (plaintext inside the Noise session; the prologue binds the protocol version) ----
+# msg1 payer -> payee, Noise handshake payload: PAYER_HELLO, cert_len u16, payer certificate
+# msg2 payee -> payer, Noise handshake payload: PAYEE_HELLO, status u8, then if status is OK:
+#      requested amount u32 (0: the payer enters it), currency u16, cert_len u16, payee certificate
+# msg3 payer -> payee, transport: PAYMENT_MSG, payment  |  ABORT, reason u8
+# msg4 payee -> payer, transport: RECEIPT_MSG, receipt
+M_PAYER_HELLO = const(0x11)
+M_PAYEE_HELLO = const(0x12)
+M_PAYMENT = const(0x13)
+M_RECEIPT = const(0x14)
+M_ABORT = const(0x15)
+
+PayeeHello = namedtuple("PayeeHello", ("status", "amount", "currency", "cert"))
+
+
+def _expect(data, kind, min_len):
+    if len(data) < min_len or data[0] != kind:
+        raise WireError("session: unexpected message")
+
+
+def payer_hello(cert):
+    return struct.pack(">BH", M_PAYER_HELLO, len(cert)) + cert
+
+
+def decode_payer_hello(data):
+    data = bytes(data)
+    _expect(data, M_PAYER_HELLO, 3)
+    n = struct.unpack_from(">H", data, 1)[0]
+    _check_len(data, 3 + n, "payer hello")
+    return data[3:]
+
+
+def payee_hello(status, amount=0, currency=0, cert=b""):
+    if status:
+        return bytes((M_PAYEE_HELLO, status))
+    return struct.pack(">BBIHH", M_PAYEE_HELLO, status, amount, currency, len(cert)) + cert
+
+
+def decode_payee_hello(data):
+    data = bytes(data)
+    _expect(data, M_PAYEE_HELLO, 2)
+    status = data[1]
+    if status:
+        _check_len(data, 2, "payee hello")
+        return PayeeHello(status, 0, 0, b"")
+    if len(data) < 10:
+        raise WireError("payee hello: wrong length")
+    _, _, amount, currency, n = struct.unpack_from(">BBIHH", data, 0)
+    _check_len(data, 10 + n, "payee hello")
+    return PayeeHello(status, amount, currency, data[10:])
+
+
+def payment_msg(payment):
+    return bytes((M_PAYMENT,)) + payment
+
+
+def abort_msg(reason):
+    return bytes((M_ABORT, reason))
+
+
+def receipt_msg(receipt):
+    return bytes((M_RECEIPT,)) + receipt
+
+
+def decode_payer_final(data):
+    # msg3: ("payment", payment bytes) or ("abort", reason)
+    data = bytes(data)
+    if len(data) == 2 and data[0] == M_ABORT:
+        return "abort", data[1]
+    _expect(data, M_PAYMENT, 1 + PAYMENT_LEN)
+    _check_len(data, 1 + PAYMENT_LEN, "payment message")
+    return "payment", data[1:]
+
+
+def decode_receipt_msg(data):
+    data = bytes(data)
+    _expect(data, M_RECEIPT, 1 + RECEIPT_LEN)
+    _check_len(data, 1 + RECEIPT_LEN, "receipt message")
+    return data[1:]
