@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from paytoken_host import fwbuild
-from tests.harness.mp import FIRMWARE_BUILD, run_script
+from tests.harness.mp import FIRMWARE_BUILD, micropython_command, micropython_path, run_script
 
 RUNS = 41
 TIMING = """
@@ -145,10 +146,132 @@ def run_crypto(rows: list[dict]) -> None:
         )
 
 
+BENCH_BUILD = fwbuild.ROOT / "build" / "bench"
+
+
+def build_side_script() -> None:
+    BENCH_BUILD.mkdir(parents=True, exist_ok=True)
+    src = fwbuild.ROOT / "tests" / "harness" / "payment_side.py"
+    fwbuild.compile_module(fwbuild.default_mpy_cross(), src, BENCH_BUILD / "payment_side.mpy", "payment_side.py")
+
+
+def side_process(role: str, heapsize: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, MICROPYPATH=f"{micropython_path()}:{BENCH_BUILD}")
+    return subprocess.Popen(
+        [micropython_command(), "-X", f"heapsize={heapsize}", "-m", "payment_side", role, *extra],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def payment_setup() -> tuple[list[str], list[str], int]:
+    from paytoken import wire
+    from tests.protocol_rig import NOW, World
+
+    world = World()
+    payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)
+    qr = wire.qr_payload(payee.device_id[:4], bytes(6), False, payee.static[1], os.urandom(8))
+    amount = 10_000
+    common = [world.issuer.public.hex()]
+    payer_lines = common + [payer.priv.hex(), payer.cert.hex(), "00", "00", qr.hex(), f"{NOW} {amount} 100000"]
+    payee_lines = common + [payee.priv.hex(), payee.cert.hex(), payee.static[0].hex(), payee.static[1].hex(),
+                            qr.hex(), f"{NOW} {amount} 0"]
+    return payer_lines, payee_lines, amount
+
+
+def run_payment(payer_heap: str, payee_heap: str) -> dict | None:
+    """A whole payment between two MicroPython processes; None if either side failed (e.g. out of heap)."""
+    payer_lines, payee_lines, _ = payment_setup()
+    a, b = side_process("payer", payer_heap), side_process("payee", payee_heap)
+    sizes = {"to_payee": 0, "to_payer": 0, "round_trips": 0}
+    try:
+        a.stdin.write("\n".join(payer_lines) + "\n")
+        a.stdin.flush()
+        b.stdin.write("\n".join(payee_lines) + "\n")
+        b.stdin.flush()
+        for _ in range(2):
+            msg = a.stdout.readline().strip()
+            if not msg:
+                return None
+            sizes["to_payee"] += len(msg) // 2
+            b.stdin.write(msg + "\n")
+            b.stdin.flush()
+            reply = b.stdout.readline().strip()
+            if not reply:
+                return None
+            sizes["to_payer"] += len(reply) // 2
+            sizes["round_trips"] += 1
+            a.stdin.write(reply + "\n")
+            a.stdin.flush()
+        done_a, done_b = a.stdout.readline().split(), b.stdout.readline().split()
+    except BrokenPipeError:
+        return None  # a side died, typically out of heap
+    finally:
+        for proc in (a, b):
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            proc.wait(timeout=60)
+    if len(done_a) != 4 or len(done_b) != 4 or done_a[1] != "done" or done_b[1] != "done":
+        return None
+    return {**sizes, "cpu_payer_ms": int(done_a[3]) / 1000, "cpu_payee_ms": int(done_b[3]) / 1000}
+
+
+def min_side_heap(role: str, imports_only: bool = False, lo: int = 16, hi: int = 512) -> int | None:
+    def fits(kb: int) -> bool:
+        if imports_only:
+            proc = side_process(role, f"{kb}K", "imports")
+            proc.stdin.close()
+            return proc.wait(timeout=60) == 0
+        heaps = {"payer": f"{kb}K", "payee": "2M"} if role == "payer" else {"payer": "2M", "payee": f"{kb}K"}
+        return run_payment(heaps["payer"], heaps["payee"]) is not None
+
+    if not fits(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def run_protocol(rows: list[dict]) -> None:
+    build_side_script()
+    print("\n== Offline payment protocol (payer and payee each in its own MicroPython process)")
+    runs = [run_payment("2M", "2M") for _ in range(9)]
+    ok = [r for r in runs if r]
+    if not ok:
+        print("payment failed")
+        return
+    first = ok[0]
+    cpu_payer = statistics.median(r["cpu_payer_ms"] for r in ok)
+    cpu_payee = statistics.median(r["cpu_payee_ms"] for r in ok)
+    total = first["to_payee"] + first["to_payer"]
+    print(f"{'measure':44} {'value':>10} {'target':>10}")
+    print("-" * 66)
+    table = [
+        ("bytes over the air, payer -> payee", first["to_payee"], None),
+        ("bytes over the air, payee -> payer", first["to_payer"], None),
+        ("bytes over the air, total", total, "<= 1500"),
+        ("round trips after connect", first["round_trips"], "<= 2"),
+        ("CPU per payment, payer (ms, median of 9)", round(cpu_payer, 2), "<= 25"),
+        ("CPU per payment, payee (ms, median of 9)", round(cpu_payee, 2), "<= 25"),
+    ]
+    for role in ("payer", "payee"):
+        code = min_side_heap(role, imports_only=True)
+        whole = min_side_heap(role)
+        table.append((f"heap, {role}: code loaded from .mpy (KB)", code, None))
+        table.append((f"heap, {role}: whole payment, code included (KB)", whole, "<= 64"))
+        table.append((f"heap, {role}: working set beyond code (KB)", whole and code and whole - code, "<= 64"))
+    for name, value, target in table:
+        print(f"{name:44} {value!s:>10} {target or '':>10}", flush=True)
+        rows.append({"measure": name, "value": value, "target": target})
+
+
 def main() -> int:
     fwbuild.build(FIRMWARE_BUILD)
     rows: list[dict] = []
     run_crypto(rows)
+    run_protocol(rows)
     out = fwbuild.ROOT / "build" / "bench.json"
     out.write_text(json.dumps(rows, indent=2))
     print(f"\n(rows also written to {out.relative_to(fwbuild.ROOT)})")

@@ -1,0 +1,61 @@
+# One side of an offline payment in its own MicroPython process, for the bench: setup and the peer's
+# messages arrive as hex lines on stdin, this side's messages leave as hex lines on stdout, then the CPU
+# time it spent in protocol code. Kept tiny so the heap it needs is the firmware's, not the harness's.
+import sys
+import time
+from binascii import hexlify, unhexlify
+
+
+def rd():
+    return unhexlify(sys.stdin.readline().strip())
+
+
+def wr(b):
+    sys.stdout.write(hexlify(b).decode())
+    sys.stdout.write("\n")
+
+
+def main():
+    role = sys.argv[1]
+    from paytoken import base45, trust, wallet
+    if role == "payer":
+        from paytoken.payer import PayerSession
+    else:
+        from paytoken.payee import PayeeSession
+    if len(sys.argv) > 2:  # "imports": measure the code alone
+        return
+    issuer_pub, priv, cert, xpriv, xpub, qr = rd(), rd(), rd(), rd(), rd(), rd()
+    now, amount, balance = (int(x) for x in sys.stdin.readline().split())
+    t = trust.Trust(issuer_pub, now=now)
+    w = wallet.Wallet(priv, cert, balance=balance)
+    cpu = 0
+    if role == "payer":
+        t0 = time.ticks_us()
+        s = PayerSession(w, t, base45.encode(qr))
+        m = s.start()
+        cpu += time.ticks_diff(time.ticks_us(), t0)
+        wr(m)
+        m = rd()
+        t0 = time.ticks_us()
+        s.read_hello(m)
+        m = s.confirm(amount)
+        cpu += time.ticks_diff(time.ticks_us(), t0)
+        wr(m)
+        m = rd()
+        t0 = time.ticks_us()
+        s.read_receipt(m)
+        cpu += time.ticks_diff(time.ticks_us(), t0)
+    else:
+        t0 = time.ticks_us()
+        s = PayeeSession(w, t, xpriv, xpub, qr, amount)
+        cpu += time.ticks_diff(time.ticks_us(), t0)
+        for _ in range(2):
+            m = rd()
+            t0 = time.ticks_us()
+            m = s.read_hello(m) if s.state == "new" else s.read_payment(m)
+            cpu += time.ticks_diff(time.ticks_us(), t0)
+            wr(m)
+    print("done", s.state, w.balance, cpu)
+
+
+main()

@@ -1,0 +1,88 @@
+"""The wire formats and base45: strict decoding on MicroPython and under CPython (the host shares the code)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paytoken import base45, wire
+from paytoken_host import protocol
+from tests.protocol_rig import NOW, World
+
+RFC9285 = [(b"AB", "BB8"), (b"Hello!!", "%69 VD92EX0"), (b"base-45", "UJCLQE7W581"), (b"ietf!", "QED8WEX0")]
+
+
+def test_base45_rfc9285_examples_on_micropython(mp):
+    for raw, text in RFC9285:
+        assert mp.call("paytoken.base45.encode", raw) == text
+        assert mp.call("paytoken.base45.decode", text) == raw
+
+
+def test_base45_round_trips_on_micropython(mp):
+    rng = random.Random(os.urandom(8))
+    data = [os.urandom(rng.randrange(0, 80)) for _ in range(200)] + [b"", b"\x00", b"\xff\xff", b"\xff" * 51]
+    texts = mp.map("paytoken.base45.encode", [(d,) for d in data])
+    for d, (ok, text) in zip(data, texts, strict=True):
+        assert ok and text == base45.encode(d) and len(text) == base45.encoded_length(len(d))
+        assert set(text) <= set(base45.ALPHABET)
+    back = mp.map("paytoken.base45.decode", [(t,) for _, t in texts])
+    assert [b for _, b in back] == data
+
+
+@pytest.mark.parametrize("text", ["A", "GGW", "ZZZZ", "abc", "AB~", ":::"])
+def test_base45_rejects_bad_input(mp, text):
+    ok, err = mp.map("paytoken.base45.decode", [(text,)])[0]
+    assert not ok and err.startswith("ValueError: base45")
+
+
+def samples() -> dict[str, bytes]:
+    world = World()
+    payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)
+    payment = protocol.sign(payer.identity, wire.payment_body(os.urandom(16), payer.device_id, payee.device_id, 100,
+                                                             840, 1, 0, bytes(32), os.urandom(8), os.urandom(32), NOW))
+    receipt = protocol.sign(payee.identity, wire.receipt_body(protocol.payment_hash(payment), 0, 1, NOW))
+    rl = protocol.revocation_list(world.backend, 1, NOW, [os.urandom(8), os.urandom(8)])
+    qr = wire.qr_payload(payee.device_id[:4], bytes(6), True, payee.static[1], os.urandom(8), 500, 840)
+    return {"decode_cert": payer.cert, "decode_cert ": payee.cert, "decode_payment": payment,
+            "decode_receipt": receipt, "decode_revocation": rl, "decode_qr": qr}
+
+
+def test_every_format_decodes_alike_on_both_sides_and_rejects_damage(mp):
+    for fn, raw in samples().items():
+        name = f"paytoken.wire.{fn.strip()}"
+        host = getattr(wire, fn.strip())(raw)
+        device = mp.call(name, raw)
+        assert device == [list(v) if isinstance(v, list) else v for v in host]
+        bad = [raw[:-1], raw + b"\x00", raw[:1], b""]
+        if fn.strip() != "decode_qr":
+            bad += [bytes([raw[0] ^ 0x20]) + raw[1:], raw[:1] + b"\x02" + raw[2:]]  # type, version
+        else:
+            bad += [b"\x20" + raw[1:]]
+        for args, (ok, err) in zip(bad, mp.map(name, [(b,) for b in bad]), strict=True):
+            assert not ok and err.startswith("WireError"), (fn, args.hex(), err)
+            with pytest.raises(wire.WireError):
+                getattr(wire, fn.strip())(args)
+
+
+def test_revocation_list_ids_must_ascend(mp):
+    world = World()
+    body = bytearray(wire.revocation_body(1, NOW, [b"\x01" * 8, b"\x02" * 8]))
+    body[12:28] = b"\x02" * 8 + b"\x01" * 8
+    rl = protocol.sign(world.backend, bytes(body))
+    ok, err = mp.map("paytoken.wire.decode_revocation", [(rl,)])[0]
+    assert not ok and "ascending" in err
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_decoders_never_fail_otherwise(data):
+    for fn in (wire.decode_cert, wire.decode_payment, wire.decode_receipt, wire.decode_revocation, wire.decode_qr,
+               wire.decode_payee_hello, wire.decode_payer_hello, wire.decode_payer_final, wire.decode_receipt_msg):
+        try:
+            fn(data)
+        except wire.WireError:
+            pass
