@@ -100,6 +100,7 @@ def test_payment_completes_and_both_hold_the_same_doubly_signed_record(rig):
     r = protocol.verify_receipt(receipt_raw, payee_cert, payment_raw)
     assert (p.amount, p.currency, p.counter, p.payee_id) == (10_000, USD, 1, rig.payee.device_id)
     assert p.prev_hash == bytes(32) and p.time == NOW and r.status == reasons.OK
+    assert p.txid == wire.txid(rig.payer.device_id, 1)
     assert p.handshake_hash == rig.call("ps.handshake_hash") == rig.call("es.handshake_hash")
     # Two round trips after connect, and well under 1.5 KB over the air.
     assert sum(len(m) for m in msgs.values()) < 1500

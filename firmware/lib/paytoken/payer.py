@@ -12,7 +12,6 @@
 from collections import namedtuple
 
 from paytoken import base45, reasons, wire
-from paytoken.crypto import rand
 from paytoken.noise import HandshakeState, NoiseError
 from paytoken.reasons import Refused
 from paytoken.trust import payment_hash, signed_by
@@ -110,8 +109,9 @@ class PayerSession:
             w.check_spend(amount, offer.currency)
         except Refused as r:
             self._fail(r.code)
-        body = wire.payment_body(rand.random_bytes(wire.TXID_LEN), w.device_id, offer.payee_id, amount,
-                                 offer.currency, w.counter + 1, w.offline_spent, w.prev_hash, self.qr.nonce,
+        counter = w.counter + 1
+        body = wire.payment_body(wire.txid(w.device_id, counter), w.device_id, offer.payee_id, amount,
+                                 offer.currency, counter, w.offline_spent, w.prev_hash, self.qr.nonce,
                                  self.handshake_hash, self.trust.now or 0)
         payment = w.sign(body)
         w.commit_payment(payment, self.qr.nonce)  # durable debit before the signature leaves

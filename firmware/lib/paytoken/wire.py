@@ -7,6 +7,7 @@
 # length or trailing bytes raise WireError, never a partial object.
 import struct
 from collections import namedtuple
+from hashlib import sha256
 
 try:
     from micropython import const
@@ -143,7 +144,7 @@ def decode_revocation(data):
 
 
 # ---- payment (signed by the payer's identity key) ----
-# type, version, txid 16, payer_id 8, payee_id 8, amount u32 (minor units), currency u16, counter u32,
+# type, version, txid 16 (txid(payer_id, counter)), payer_id 8, payee_id 8, amount u32 (minor units), currency u16, counter u32,
 # offline_spent u32 (payer's offline spending before this payment), prev_hash 32 (SHA-256 of the payer's
 # previous payment, zeros for its first), qr_nonce 8, handshake_hash 32, time u32 (0 = unknown),
 # signature 64
@@ -154,6 +155,11 @@ PAYMENT_LEN = PAYMENT_BODY_LEN + SIG_LEN
 Payment = namedtuple("Payment", (
     "txid", "payer_id", "payee_id", "amount", "currency", "counter", "offline_spent", "prev_hash",
     "qr_nonce", "handshake_hash", "time", "raw"))
+
+
+def txid(payer_id, counter):
+    # Derived, not random: unique per payer counter, recomputable by anyone, and never stored twice.
+    return sha256(b"paytoken/txid" + bytes(payer_id) + struct.pack(">I", counter)).digest()[:TXID_LEN]
 
 
 def payment_body(txid, payer_id, payee_id, amount, currency, counter, offline_spent, prev_hash, qr_nonce,
