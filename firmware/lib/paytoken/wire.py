@@ -144,7 +144,8 @@ def decode_revocation(data):
 
 
 # ---- payment (signed by the payer's identity key) ----
-# type, version, txid 16 (txid(payer_id, counter)), payer_id 8, payee_id 8, amount u32 (minor units), currency u16, counter u32,
+# type, version, txid 16 (txid(payer_id, counter)), payer_id 8, payee_id 8, amount u32 (minor units),
+# currency u16, counter u32,
 # offline_spent u32 (payer's offline spending before this payment), prev_hash 32 (SHA-256 of the payer's
 # previous payment, zeros for its first), qr_nonce 8, handshake_hash 32, time u32 (0 = unknown),
 # signature 64
