@@ -8,39 +8,19 @@
 # signed with the refusal reason (it voids the payment for the payer and the backend). Noise failures
 # end the session silently. The session ends FAILED or DONE with .reason set.
 from paytoken import reasons, wire
-from paytoken.noise import HandshakeState, NoiseError
-from paytoken.payer import PROLOGUE
+from paytoken.noise import NoiseError
 from paytoken.reasons import Refused
+from paytoken.session import DONE, FAILED, NEW, Session
 from paytoken.trust import payment_hash, signed_by
 
-NEW = "new"
 HELLO_SENT = "hello sent"
-DONE = "done"
-FAILED = "failed"
 
 
-class PayeeSession:
+class PayeeSession(Session):
     def __init__(self, wallet, trust, static_priv, static_pub, qr_raw, amount=None):
-        self.wallet = wallet
-        self.trust = trust
-        self.qr = wire.decode_qr(qr_raw)
+        super().__init__(wallet, trust, wire.decode_qr(qr_raw), False, s=static_priv, s_pub=static_pub)
         self.amount = amount  # requested in minor units, or None: the payer enters it
-        self.state = NEW
-        self.reason = None
         self.payer_cert = None
-        self.payment = None
-        self.receipt = None
-        self._hs = HandshakeState("NK", False, prologue=PROLOGUE + self.qr.raw, s=static_priv, s_pub=static_pub)
-        self._tx = self._rx = None
-
-    def _fail(self, code, detail=""):
-        self.state = FAILED
-        self.reason = code
-        raise Refused(code, detail)
-
-    def _expect(self, state):
-        if self.state != state:
-            raise Refused(reasons.FORMAT, "message out of turn")
 
     def read_hello(self, msg):
         self._expect(NEW)

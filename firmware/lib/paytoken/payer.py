@@ -12,18 +12,14 @@
 from collections import namedtuple
 
 from paytoken import base45, reasons, wire
-from paytoken.noise import HandshakeState, NoiseError
+from paytoken.noise import NoiseError
 from paytoken.reasons import Refused
+from paytoken.session import DONE, FAILED, NEW, Session
 from paytoken.trust import payment_hash, signed_by
 
-PROLOGUE = b"paytoken/1"
-
-NEW = "new"
 HELLO_SENT = "hello sent"
 OFFERED = "offered"
 PAYMENT_SENT = "payment sent"
-DONE = "done"
-FAILED = "failed"
 
 Offer = namedtuple("Offer", ("payee_id", "amount", "currency", "payee_cert"))
 
@@ -36,29 +32,13 @@ def parse_qr(qr_text):
         raise Refused(reasons.FORMAT, "not a paytoken QR: " + str(e))
 
 
-class PayerSession:
+class PayerSession(Session):
     def __init__(self, wallet, trust, qr_text):
-        self.wallet = wallet
-        self.trust = trust
-        self.state = NEW
-        self.reason = None
-        self.payment = None
-        self.receipt = None
+        qr = parse_qr(qr_text)
+        super().__init__(wallet, trust, qr, True, rs=qr.x25519_pub)
         self.offer = None
-        self.qr = parse_qr(qr_text)
-        if wallet.nonce_used(self.qr.nonce):
+        if wallet.nonce_used(qr.nonce):
             self._fail(reasons.NONCE, "QR already paid")
-        self._hs = HandshakeState("NK", True, prologue=PROLOGUE + self.qr.raw, rs=self.qr.x25519_pub)
-        self._tx = self._rx = None
-
-    def _fail(self, code, detail=""):
-        self.state = FAILED
-        self.reason = code
-        raise Refused(code, detail)
-
-    def _expect(self, state):
-        if self.state != state:
-            raise Refused(reasons.FORMAT, "message out of turn")
 
     def start(self):
         self._expect(NEW)
