@@ -7,6 +7,7 @@ checks run in firmware. Messages pass through pytest, so a test can alter, drop 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import serialization
@@ -72,18 +73,30 @@ class World:
     def backend_pub(self) -> bytes:
         return protocol.sec1(self.backend.public_key())
 
+    def voucher(self, device: Device, counter: int, amount: int, currency: int = USD) -> bytes:
+        return protocol.sign(self.backend, wire.voucher_body(device.device_id, counter, amount, currency, NOW))
+
+    def ack(self, device: Device, upto_seq: int, chain_hash: bytes, issued_at: int = NOW) -> bytes:
+        return protocol.sign(self.backend, wire.ack_body(device.device_id, upto_seq, chain_hash, issued_at))
+
+    def status(self, device: Device, txid: bytes, status: int) -> bytes:
+        return protocol.sign(self.backend, wire.status_body(device.device_id, txid, status, NOW))
+
 
 class Rig:
     """One MicroPython process holding a payer wallet `pw`, a payee wallet `ew`, and their sessions."""
 
     def __init__(self, mp: MicroPython, world: World, payer: Device, payee: Device, balance: int = 100_000):
         self.mp, self.world, self.payer, self.payee = mp, world, payer, payee
+        self.dir = tempfile.mkdtemp(prefix="paytoken-ledgers-")
         mp.exec(
             "from paytoken import base45, payee, payer, reasons, trust, wallet, wire\n"
             f"T = trust.Trust({world.issuer.public!r}, backend_pub={world.backend_pub!r}, now={NOW})\n"
-            f"pw = wallet.Wallet({payer.priv!r}, {payer.cert!r}, balance={balance})\n"
-            f"ew = wallet.Wallet({payee.priv!r}, {payee.cert!r}, balance=0)\n"
+            f"pw = wallet.Wallet({self.dir + '/payer.log'!r}, {payer.priv!r}, {payer.cert!r}, T)\n"
+            f"ew = wallet.Wallet({self.dir + '/payee.log'!r}, {payee.priv!r}, {payee.cert!r}, T)\n"
         )
+        if balance:
+            assert mp.eval(f"pw.apply_update({world.voucher(payer, 1, balance)!r})") is True
 
     def qr(self, amount: int | None = None, static_pub: bytes | None = None, nonce: bytes | None = None) -> bytes:
         assert self.payee.static
@@ -110,8 +123,8 @@ class Rig:
 
     def state(self) -> dict:
         return self.mp.eval(
-            "{'payer': [pw.balance, pw.counter, pw.offline_spent, [r[2] for r in pw.records]],"
-            " 'payee': [ew.balance, ew.seq, [r[2] for r in ew.records]]}"
+            "{'payer': [pw.balance, pw.counter, pw.offline_spent, [r[3] for r in pw.history()]],"
+            " 'payee': [ew.balance, ew.seq, [r[3] for r in ew.history()]]}"
         )
 
     def pay(self, amount: int | None = 10_000, requested: int | None = None) -> dict:

@@ -1,36 +1,176 @@
-# A device's money state and the rules on it: balance, counter, hash chain, offline spending, limits.
-# The payer and payee state machines ask it to check and to commit; it never talks to a radio.
+# A device's money: balance, counter, hash chain, offline spending and limits, derived from its flash ledger.
 #
-# This version keeps the state in RAM. Its commit methods are the write-ahead points: the flash ledger
-# (issue 4) makes each one durable before it returns, which is what lets the payer's signature and the
-# payee's receipt leave the device only after the debit or credit is stored.
+# Every change is a ledger record appended (durable) before it takes effect, and the state in RAM is
+# only ever the replay of those records: on open, the wallet replays the ledger from its checkpoint, so
+# after a power cut it is exactly what the flash says. Write-ahead points: the payer's debit is stored
+# before its signature leaves (commit_payment), the payee's credit before its receipt leaves
+# (commit_receipt). Vouchers, acknowledgements and statuses count only when the backend signed them.
+#
+# Ledger records (first byte = kind), kept small so that 5,000 payments fit in 1 MB of flash:
+#   SENT    payee_id 8, amount u32, qr_nonce 8, handshake_hash 32, time u32, payment_hash 32
+#           (the rest of the payment is derived: txid, own id, currency, counter, offline spending,
+#           previous hash; the signature is deterministic, recomputed when the payment is uploaded)
+#   RESULT  status u8, payee_seq u32, time u32, payee signature 64: the receipt of the last SENT
+#   RCVD    the payer's payment without type, version, txid and payee id; receipt status u8, time u32
+#   VOUCHER / ACK / STATUS   the backend's signed message as received; STATUS adds role u8, amount u32
+import struct
+
 from paytoken import reasons, wire
 from paytoken.crypto import p256
+from paytoken.ledger import Ledger
 from paytoken.reasons import Refused
-from paytoken.trust import payment_hash
+from paytoken.trust import payment_hash, signed_by
+
+K_SENT = 1
+K_RESULT = 2
+K_RCVD = 3
+K_VOUCHER = 4
+K_ACK = 5
+K_STATUS = 6
 
 ZERO_HASH = bytes(wire.HASH_LEN)
-_NONCE_MEMORY = 32  # QR nonces remembered against reuse; older ones are refused by the payee anyway
+_NONCE_MEMORY = 16  # QR nonces remembered against a payer paying one QR twice
 _PAYER_MEMORY = 64  # payers whose last counter a payee remembers
+
+# Payment states, as the screens and the sync client see them
+SENT = "sent"  # left the device, no receipt: sent-unconfirmed, the backend resolves it
+DONE = "done"  # countersigned by the payee
+VOIDED = "voided"  # refused by the payee with a signed receipt: the money came back
+RECEIVED = "received"  # payee: credited, receipt sent
+REFUSED = "refused"  # payee: refused, signed refusal sent
+_FINAL = {ST: name for ST, name in ((wire.ST_SETTLED, "settled"), (wire.ST_REJECTED, "rejected"),
+                                    (wire.ST_REFUNDED, "refunded"))}
+
+_SENT = ">8sI8s32sI32s"
+_RESULT = ">BII64s"
+_RCVD = ">8sIHII32s8s32sI64sBI"
+_SNAP = ">iI32sIIIIIB"
 
 
 class Wallet:
-    def __init__(self, identity_priv, cert_raw, balance=0):
+    def __init__(self, ledger_path, identity_priv, cert_raw, trust):
         self._priv = identity_priv
         self.cert_raw = bytes(cert_raw)
         self.cert = wire.decode_cert(cert_raw)
         self.device_id = self.cert.device_id
-        self.balance = balance
+        self.trust = trust
+        self.ledger = Ledger(ledger_path)
+        self._reset()
+        if self.ledger.checkpoint:
+            self._load_snapshot(self.ledger.checkpoint)
+        if self.ledger.corrupt is None:
+            for seq, payload in self.ledger.records(self.ledger.base_seq + 1):
+                self._apply(seq, payload)
+
+    def _reset(self):
+        self.balance = 0
         self.counter = 0  # payer: counter of the last payment signed
         self.prev_hash = ZERO_HASH  # payer: SHA-256 of the last payment signed
-        self.offline_spent = 0  # payer: spent since the last backend acknowledgement
+        self.offline_spent = 0  # payer: spent since the last acknowledgement
+        self.payments_since_sync = 0
         self.seq = 0  # payee: receipts issued
-        self.records = []  # (payment, receipt or None, state)
+        self.voucher_counter = 0
+        self.acked_seq = 0
+        self.known_time = 0
         self._nonces = []
-        self._payers = {}  # payer id -> (counter, payment hash)
+        self._payers = {}
+        self._open = {}  # payer: counter -> (ledger seq, amount) of payments without a final outcome
+        self._last_sent = None  # (counter, ledger seq, amount) of the newest SENT awaiting its receipt
+        self._snap_counter = 0  # payer counter at the ledger's checkpoint
+
+    @property
+    def locked(self):
+        # A damaged ledger: paying on would build on records that cannot be trusted.
+        return self.ledger.corrupt is not None
 
     def sign(self, body):
         return body + p256.sign(self._priv, body)
+
+    def _append(self, payload):
+        if self.locked:
+            raise Refused(reasons.LOCKED, str(self.ledger.corrupt))
+        seq = self.ledger.append(payload)
+        self._apply(seq, payload)
+        return seq
+
+    # ---- replay: the only place state changes ----
+    def _apply(self, seq, payload):
+        kind = payload[0]
+        body = memoryview(payload)[1:]
+        if kind == K_SENT:
+            _, amount, nonce, _, _, phash = struct.unpack(_SENT, body)
+            self.counter += 1
+            self.balance -= amount
+            self.offline_spent += amount
+            self.payments_since_sync += 1
+            self.prev_hash = phash
+            self._open[self.counter] = (seq, amount)
+            self._last_sent = (self.counter, seq, amount)
+            self._nonces.append(bytes(nonce))
+            del self._nonces[:-_NONCE_MEMORY]
+        elif kind == K_RESULT:
+            counter, _, amount = self._last_sent
+            self._last_sent = None
+            del self._open[counter]
+            if body[0] != reasons.OK:  # refused by the payee: voided, the money returns
+                self.balance += amount
+                self.offline_spent -= amount
+        elif kind == K_RCVD:
+            f = struct.unpack(_RCVD, body)
+            self.seq += 1
+            if f[10] == reasons.OK:
+                self.balance += f[1]
+                payers = self._payers
+                payers[f[0]] = (f[3], payment_hash(self._rcvd_payment(f)))
+                if len(payers) > _PAYER_MEMORY:
+                    payers.pop(next(iter(payers)))
+        elif kind == K_VOUCHER:
+            v = wire.decode_voucher(body)
+            self.voucher_counter = v.counter
+            self.balance += v.amount
+            self._saw_time(v.issued_at)
+        elif kind == K_ACK:
+            a = wire.decode_ack(body)
+            self.acked_seq = a.upto_seq
+            self._saw_time(a.issued_at)
+            # Spending acknowledged by the backend no longer counts against the offline limit.
+            self.offline_spent = sum(amount for s, amount in self._open.values() if s > a.upto_seq)
+            self.payments_since_sync = 0
+        elif kind == K_STATUS:
+            n = len(body)
+            st = wire.decode_status(body[:n - 5])
+            role, amount = struct.unpack(">BI", body[n - 5:])
+            self._saw_time(st.issued_at)
+            if role == wire.ROLE_PAYER:
+                counter = self._counter_of(st.txid)
+                if counter in self._open:
+                    del self._open[counter]
+                    if self._last_sent and self._last_sent[0] == counter:
+                        self._last_sent = None
+                if st.status == wire.ST_REFUNDED:
+                    self.balance += amount
+            elif st.status == wire.ST_REJECTED:
+                self.balance -= amount  # a credit the backend will never settle
+        else:
+            raise ValueError("unknown ledger record")
+
+    def _saw_time(self, t):
+        if t > self.known_time:
+            self.known_time = t
+            if self.trust.now is None or self.trust.now < t:
+                self.trust.now = t
+
+    def _counter_of(self, txid):
+        for c in self._open:
+            if wire.txid(self.device_id, c) == txid:
+                return c
+        return None
+
+    def _rcvd_payment(self, f):
+        # The payer's signed payment, rebuilt from a RCVD record's fields (f: the unpacked record).
+        payer_id, amount, currency, counter, spent, prev, nonce, hs, time, sig = f[:10]
+        return wire.payment_body(wire.txid(payer_id, counter), payer_id, self.device_id, amount, currency,
+                                 counter, spent, prev, nonce, hs, time) + sig
 
     # ---- payer ----
     def nonce_used(self, nonce):
@@ -38,6 +178,8 @@ class Wallet:
 
     def check_spend(self, amount, currency):
         cert = self.cert
+        if self.locked:
+            raise Refused(reasons.LOCKED)
         if currency != cert.currency:
             raise Refused(reasons.CURRENCY)
         if amount <= 0:
@@ -52,36 +194,26 @@ class Wallet:
     def commit_payment(self, payment_raw, qr_nonce):
         # Debit before the signature leaves: from here on the payment may have arrived.
         p = wire.decode_payment(payment_raw)
-        self.balance -= p.amount
-        self.offline_spent += p.amount
-        self.counter = p.counter
-        self.prev_hash = payment_hash(payment_raw)
-        self._nonces.append(bytes(qr_nonce))
-        del self._nonces[:-_NONCE_MEMORY]
-        self.records.append([payment_raw, None, "sent"])
+        if p.counter != self.counter + 1 or p.prev_hash != self.prev_hash:
+            raise ValueError("payment does not continue the chain")
+        self._append(bytes((K_SENT,)) + struct.pack(_SENT, p.payee_id, p.amount, qr_nonce, p.handshake_hash,
+                                                    p.time, payment_hash(payment_raw)))
 
-    def _record(self, payment_raw):
-        for r in self.records:
-            if r[0] == payment_raw:
-                return r
-        raise ValueError("unknown payment")
+    def _result(self, payment_raw, receipt_raw):
+        p = wire.decode_payment(payment_raw)
+        if self._last_sent is None or self._last_sent[0] != p.counter:
+            raise ValueError("receipt for a payment not awaiting one")
+        rc = wire.decode_receipt(receipt_raw)
+        self._append(bytes((K_RESULT,)) + struct.pack(_RESULT, rc.status, rc.payee_seq, rc.time,
+                                                      wire.signature(receipt_raw)))
 
     def confirm_payment(self, payment_raw, receipt_raw):
-        r = self._record(payment_raw)
-        r[1] = receipt_raw
-        r[2] = "done"
+        self._result(payment_raw, receipt_raw)
 
     def void_payment(self, payment_raw, receipt_raw):
         # The payee refused it with a signed receipt: it can never settle, so the money comes back.
-        # The counter and chain stay where they are: the voided payment keeps its place in the chain.
-        r = self._record(payment_raw)
-        if r[2] != "sent":
-            raise ValueError("payment not pending")
-        p = wire.decode_payment(payment_raw)
-        self.balance += p.amount
-        self.offline_spent -= p.amount
-        r[1] = receipt_raw
-        r[2] = "voided"
+        # The counter and chain stay: the voided payment keeps its place in the chain.
+        self._result(payment_raw, receipt_raw)
 
     # ---- payee ----
     def last_from(self, payer_id):
@@ -98,11 +230,170 @@ class Wallet:
         # Credit before the receipt leaves; a refusal is recorded too (it voids the payment).
         p = wire.decode_payment(payment_raw)
         rc = wire.decode_receipt(receipt_raw)
-        self.seq = rc.payee_seq
-        if rc.status == reasons.OK:
-            self.balance += p.amount
-            payers = self._payers
-            payers[bytes(p.payer_id)] = (p.counter, payment_hash(payment_raw))
-            if len(payers) > _PAYER_MEMORY:
-                payers.pop(next(iter(payers)))
-        self.records.append([payment_raw, receipt_raw, "received" if rc.status == reasons.OK else "refused"])
+        if rc.payee_seq != self.seq + 1:
+            raise ValueError("receipt out of sequence")
+        self._append(bytes((K_RCVD,)) + struct.pack(
+            _RCVD, p.payer_id, p.amount, p.currency, p.counter, p.offline_spent, p.prev_hash, p.qr_nonce,
+            p.handshake_hash, p.time, wire.signature(payment_raw), rc.status, rc.time))
+
+    # ---- backend updates (signed by the backend key; a relay can only deliver or withhold them) ----
+    def apply_update(self, raw):
+        # Applies one backend-signed message; True if it changed the wallet, False if already applied.
+        # Refused for anything unsigned, for another device, or out of order.
+        raw = bytes(raw)
+        if not raw:
+            raise Refused(reasons.FORMAT)
+        kind = raw[0]
+        try:
+            if kind == wire.T_REVOCATION:
+                return self.trust.apply_revocation(raw)
+            decode = {wire.T_VOUCHER: wire.decode_voucher, wire.T_ACK: wire.decode_ack,
+                      wire.T_STATUS: wire.decode_status}.get(kind)
+            if decode is None:
+                raise Refused(reasons.FORMAT, "unknown update")
+            msg = decode(raw)
+        except ValueError as e:
+            raise Refused(reasons.FORMAT, str(e))
+        if self.trust.backend_pub is None or not signed_by(self.trust.backend_pub, raw):
+            raise Refused(reasons.SIGNATURE, "update not signed by the backend")
+        if msg.device_id != self.device_id:
+            raise Refused(reasons.WALLET_ID, "update for another device")
+        if kind == wire.T_VOUCHER:
+            return self._voucher(msg)
+        if kind == wire.T_ACK:
+            return self._ack(msg)
+        return self._status(msg)
+
+    def _voucher(self, v):
+        if v.counter <= self.voucher_counter:
+            return False  # applied before: exactly once
+        if v.counter != self.voucher_counter + 1:
+            raise Refused(reasons.COUNTER, "voucher out of order")
+        if v.currency != self.cert.currency:
+            raise Refused(reasons.CURRENCY)
+        if self.balance + v.amount > self.cert.max_holding:
+            raise Refused(reasons.LIMIT_HOLDING)
+        self._append(bytes((K_VOUCHER,)) + v.raw)
+        return True
+
+    def _ack(self, a):
+        if a.upto_seq <= self.acked_seq:
+            return False
+        if a.upto_seq > self.ledger.seq:
+            raise Refused(reasons.COUNTER, "acknowledges records this device never wrote")
+        if self.ledger.hash_at(a.upto_seq) != a.chain_hash:
+            raise Refused(reasons.CHAIN, "acknowledgement does not match the ledger")
+        self._append(bytes((K_ACK,)) + a.raw)
+        return True
+
+    def _status(self, st):
+        counter = self._counter_of(st.txid)
+        if counter is not None:
+            amount = self._open[counter][1]
+            self._append(bytes((K_STATUS,)) + st.raw + struct.pack(">BI", wire.ROLE_PAYER, amount))
+            return True
+        found = self._find_payment(st.txid)
+        if found is None:
+            return False  # unknown, or already final here
+        role, amount, applied = found
+        if applied:
+            return False
+        if role == wire.ROLE_PAYER and st.status == wire.ST_REFUNDED:
+            return False  # a completed payment is never refunded
+        self._append(bytes((K_STATUS,)) + st.raw + struct.pack(">BI", role, amount))
+        return True
+
+    def _find_payment(self, txid):
+        # (role, amount, a status already applied) of one of our payments still in the ledger, or None.
+        counter = self._snap_counter
+        found = None
+        for _, payload in self.ledger.records(self.ledger.base_seq + 1):
+            kind = payload[0]
+            if kind == K_SENT:
+                counter += 1
+                if wire.txid(self.device_id, counter) == txid:
+                    found = [wire.ROLE_PAYER, struct.unpack_from(">I", payload, 9)[0], False]
+            elif kind == K_RCVD:
+                f = struct.unpack_from(_RCVD, payload, 1)
+                if wire.txid(f[0], f[3]) == txid:
+                    found = [wire.ROLE_PAYEE, f[1] if f[10] == reasons.OK else 0, False]
+            elif kind == K_STATUS and found is not None:
+                if wire.decode_status(payload[1:len(payload) - 5]).txid == txid:
+                    found[2] = True
+        return found
+
+    # ---- history, for the screens and the sync client ----
+    def history(self):
+        # [role, txid, amount, state] for every payment still in the ledger, oldest first.
+        out = []
+        counter = self._snap_counter
+        last = None
+        for _, payload in self.ledger.records(self.ledger.base_seq + 1):
+            kind = payload[0]
+            if kind == K_SENT:
+                counter += 1
+                last = [wire.ROLE_PAYER, wire.txid(self.device_id, counter),
+                        struct.unpack_from(">I", payload, 9)[0], SENT]
+                out.append(last)
+            elif kind == K_RESULT:
+                last[3] = DONE if payload[1] == reasons.OK else VOIDED
+            elif kind == K_RCVD:
+                f = struct.unpack_from(_RCVD, payload, 1)
+                out.append([wire.ROLE_PAYEE, wire.txid(f[0], f[3]), f[1],
+                            RECEIVED if f[10] == reasons.OK else REFUSED])
+            elif kind == K_STATUS:
+                st = wire.decode_status(payload[1:len(payload) - 5])
+                for entry in out:
+                    if entry[1] == st.txid:
+                        entry[3] = _FINAL[st.status]
+        return out
+
+    # ---- compaction ----
+    def compact(self):
+        # Drops records the backend acknowledged, up to the first payment still without an outcome,
+        # keeping the acknowledgement and the state at that point as the ledger's checkpoint.
+        upto = self.acked_seq
+        for seq, _ in self._open.values():
+            if seq <= upto:
+                upto = seq - 1
+        if upto <= self.ledger.base_seq:
+            return False
+        snapshot = self._state_at(upto)
+        self.ledger.compact(upto, snapshot)
+        return True
+
+    def _state_at(self, upto):
+        # The wallet's state after ledger record `upto`, serialised for the checkpoint.
+        r = _Replica(self)
+        for seq, payload in self.ledger.records(self.ledger.base_seq + 1):
+            if seq > upto:
+                break
+            r._apply(seq, payload)
+        snap = struct.pack(_SNAP, r.balance, r.counter, r.prev_hash, r.offline_spent, r.seq, r.voucher_counter,
+                           r.acked_seq, r.known_time, len(r._nonces))
+        return snap + b"".join(r._nonces)
+
+    def _load_snapshot(self, snap):
+        (self.balance, self.counter, self.prev_hash, self.offline_spent, self.seq, self.voucher_counter,
+         self.acked_seq, self.known_time, n) = struct.unpack_from(_SNAP, snap, 0)
+        base = struct.calcsize(_SNAP)
+        self._nonces = [snap[base + 8 * i:base + 8 * i + 8] for i in range(n)]
+        self._snap_counter = self.counter
+        if self.known_time and (self.trust.now is None or self.trust.now < self.known_time):
+            self.trust.now = self.known_time
+
+
+class _Clock:
+    now = None
+
+
+class _Replica(Wallet):
+    # The same replay rules on a separate state: used to compute a past state without touching the live one.
+    def __init__(self, wallet):
+        self.device_id = wallet.device_id
+        self.cert = wallet.cert
+        self.trust = _Clock()
+        self.ledger = wallet.ledger
+        self._reset()
+        if wallet.ledger.checkpoint:
+            self._load_snapshot(wallet.ledger.checkpoint)

@@ -27,6 +27,9 @@ T_CERT = const(0x43)  # 'C'
 T_REVOCATION = const(0x52)  # 'R'
 T_PAYMENT = const(0x50)  # 'P'
 T_RECEIPT = const(0x41)  # 'A'
+T_VOUCHER = const(0x4C)  # 'L'
+T_ACK = const(0x4B)  # 'K'
+T_STATUS = const(0x53)  # 'S'
 VERSION = const(1)
 
 ROLE_PAYER = const(1)
@@ -333,3 +336,69 @@ def decode_receipt_msg(data):
     _expect(data, M_RECEIPT, 1 + RECEIPT_LEN)
     _check_len(data, 1 + RECEIPT_LEN, "receipt message")
     return data[1:]
+
+
+# ---- backend-signed updates for one device ----
+# Load voucher: type, version, device_id 8, voucher_counter u32 (1, 2, 3, ... each applied exactly once, in
+# order), amount u32, currency u16, issued_at u32, signature 64
+_VOUCHER = ">BB8sIIHI"
+VOUCHER_LEN = struct.calcsize(_VOUCHER) + SIG_LEN
+Voucher = namedtuple("Voucher", ("device_id", "counter", "amount", "currency", "issued_at", "raw"))
+
+
+def voucher_body(device_id, counter, amount, currency, issued_at):
+    return struct.pack(_VOUCHER, T_VOUCHER, VERSION, device_id, counter, amount, currency, issued_at)
+
+
+def decode_voucher(data):
+    data = bytes(data)
+    _check_header(data, T_VOUCHER, "voucher")
+    _check_len(data, VOUCHER_LEN, "voucher")
+    f = struct.unpack_from(_VOUCHER, data, 0)
+    return Voucher(f[2], f[3], f[4], f[5], f[6], data)
+
+
+# Acknowledgement: type, version, device_id 8, upto_seq u32 (ledger sequence), chain_hash 32 (the device's
+# ledger chain hash after upto_seq), issued_at u32 (also the device's new lower bound for the time),
+# signature 64. The backend holds and has verified every record up to upto_seq.
+_ACK = ">BB8sI32sI"
+ACK_LEN = struct.calcsize(_ACK) + SIG_LEN
+Ack = namedtuple("Ack", ("device_id", "upto_seq", "chain_hash", "issued_at", "raw"))
+
+
+def ack_body(device_id, upto_seq, chain_hash, issued_at):
+    return struct.pack(_ACK, T_ACK, VERSION, device_id, upto_seq, chain_hash, issued_at)
+
+
+def decode_ack(data):
+    data = bytes(data)
+    _check_header(data, T_ACK, "ack")
+    _check_len(data, ACK_LEN, "ack")
+    f = struct.unpack_from(_ACK, data, 0)
+    return Ack(f[2], f[3], f[4], f[5], data)
+
+
+# Settlement status of one payment: type, version, device_id 8 (the device told), txid 16, status u8,
+# issued_at u32, signature 64
+ST_SETTLED = const(1)  # money moved in the bank: final
+ST_REJECTED = const(2)  # will never settle (fraud, fork, invalid): final, no refund
+ST_REFUNDED = const(3)  # payer only: never reached the payee in time; the amount returns to the payer
+_STATUS = ">BB8s16sBI"
+STATUS_LEN = struct.calcsize(_STATUS) + SIG_LEN
+Status = namedtuple("Status", ("device_id", "txid", "status", "issued_at", "raw"))
+
+
+def status_body(device_id, txid, status, issued_at):
+    if status not in (ST_SETTLED, ST_REJECTED, ST_REFUNDED):
+        raise WireError("status: unknown value")
+    return struct.pack(_STATUS, T_STATUS, VERSION, device_id, txid, status, issued_at)
+
+
+def decode_status(data):
+    data = bytes(data)
+    _check_header(data, T_STATUS, "status")
+    _check_len(data, STATUS_LEN, "status")
+    f = struct.unpack_from(_STATUS, data, 0)
+    if f[4] not in (ST_SETTLED, ST_REJECTED, ST_REFUNDED):
+        raise WireError("status: unknown value")
+    return Status(f[2], f[3], f[4], f[5], data)

@@ -1,0 +1,163 @@
+"""The wallet on its flash ledger, on MicroPython: state derived from records, backend-signed updates
+applied exactly once, compaction behind acknowledgements, and a damaged ledger that locks payments."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from paytoken import reasons, wire
+from paytoken_host import protocol
+from tests.harness.mp import MicroPython, MicroPythonError
+from tests.protocol_rig import NOW, Rig, World
+
+STATE = "[w.balance, w.counter, w.prev_hash, w.offline_spent, w.seq, w.voucher_counter, w.acked_seq, w.known_time]"
+
+
+@pytest.fixture(scope="module")
+def proc():
+    with MicroPython(heapsize="2M") as mp:
+        yield mp
+
+
+@pytest.fixture
+def rig(proc) -> Rig:
+    world = World()
+    return Rig(proc, world, world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE))
+
+
+def reopened(rig: Rig, who: str) -> list:
+    """The state a wallet has after the device restarts: replayed from its ledger alone."""
+    dev = rig.payer if who == "pw" else rig.payee
+    rig.mp.exec(
+        f"{who}.ledger.close()\n"
+        f"{who} = wallet.Wallet({who}.ledger.path, {dev.priv!r}, {dev.cert!r}, T)\n"
+    )
+    return rig.call(STATE.replace("w.", f"{who}."))
+
+
+def refused_code(rig: Rig, expr: str) -> int:
+    with pytest.raises(MicroPythonError) as exc:
+        rig.call(expr)
+    assert exc.value.kind == "Refused", exc.value
+    return exc.value.msg
+
+
+def test_state_is_the_replay_of_the_ledger(rig):
+    rig.pay(1_000)
+    rig.pay(2_500)
+    for who in ("pw", "ew"):
+        live = rig.call(STATE.replace("w.", f"{who}."))
+        assert reopened(rig, who) == live
+    assert rig.state() == {"payer": [96_500, 2, 3_500, ["done", "done"]], "payee": [3_500, 2, ["received"] * 2]}
+
+
+def test_flash_bytes_per_payment_record(rig):
+    size0 = (rig.call("pw.ledger.size()"), rig.call("ew.ledger.size()"))
+    rig.pay(1_000)
+    payer_bytes = rig.call("pw.ledger.size()") - size0[0]
+    payee_bytes = rig.call("ew.ledger.size()") - size0[1]
+    # 5,000 of them must fit in 1 MB of flash (the bench measures it on LittleFS).
+    assert payer_bytes <= 190 and payee_bytes <= 190, (payer_bytes, payee_bytes)
+
+
+def test_voucher_is_applied_exactly_once_and_in_order(rig):
+    w = rig.world
+    v2 = w.voucher(rig.payer, 2, 5_000)
+    assert rig.call(f"pw.apply_update({v2!r})") is True
+    assert rig.call(f"pw.apply_update({v2!r})") is False  # a relay delivering it twice changes nothing
+    assert "voucher out of order" in refused_code(rig, f"pw.apply_update({w.voucher(rig.payer, 4, 1)!r})")
+    assert "another device" in refused_code(rig, f"pw.apply_update({w.voucher(rig.payee, 3, 1)!r})")
+    forged = protocol.sign(protocol.Issuer().key, wire.voucher_body(rig.payer.device_id, 3, 9_999, 840, NOW))
+    assert "not signed by the backend" in refused_code(rig, f"pw.apply_update({forged!r})")
+    assert "currency" in refused_code(rig, f"pw.apply_update({w.voucher(rig.payer, 3, 1, currency=978)!r})")
+    big = w.voucher(rig.payer, 3, 10_000_000)
+    assert "holding" in refused_code(rig, f"pw.apply_update({big!r})")
+    assert rig.call("[pw.balance, pw.voucher_counter]") == [105_000, 2]
+    assert reopened(rig, "pw")[0] == 105_000
+
+
+def test_garbage_updates_are_refused_cleanly(rig):
+    for junk in (b"", b"\x00", b"L\x01" + bytes(10), os.urandom(200), b"K\x02" + bytes(112)):
+        refused_code(rig, f"pw.apply_update({junk!r})")
+    assert rig.call("pw.balance") == 100_000
+
+
+def test_ack_resets_offline_spending_and_lets_the_ledger_compact(rig):
+    rig.pay(3_000)
+    rig.pay(4_000)
+    seq, chain = rig.call("list(pw.ledger.head)")
+    bad = rig.world.ack(rig.payer, seq, os.urandom(32))
+    assert "does not match" in refused_code(rig, f"pw.apply_update({bad!r})")
+    beyond = rig.world.ack(rig.payer, seq + 5, chain)
+    assert "never wrote" in refused_code(rig, f"pw.apply_update({beyond!r})")
+    ack = rig.world.ack(rig.payer, seq, chain, issued_at=NOW + 500)
+    assert rig.call(f"pw.apply_update({ack!r})") is True
+    assert rig.call("[pw.offline_spent, pw.payments_since_sync, pw.known_time, T.now]") == [0, 0, NOW + 500, NOW + 500]
+    before = rig.call(STATE.replace("w.", "pw."))
+    size = rig.call("pw.ledger.size()")
+    assert rig.call("pw.compact()") is True
+    assert rig.call("pw.ledger.size()") < size
+    assert reopened(rig, "pw") == before
+    # Payments go on from the checkpoint: counter and chain continue.
+    rig.pay(500)
+    p = wire.decode_payment(rig.call("ps.payment"))
+    assert p.counter == 3 and p.prev_hash == before[2]
+    assert reopened(rig, "pw")[:2] == [92_500, 3]
+
+
+def test_sent_unconfirmed_payment_blocks_compaction_and_is_refunded_by_status(rig):
+    rig.open(rig.qr())
+    rig.call("ps.read_hello(es.read_hello(ps.start())) and None")
+    m3 = rig.call("ps.confirm(7_000)")  # the receipt never arrives
+    rig.pay(1_000)
+    assert rig.state()["payer"][3] == ["sent", "done"]
+    seq, chain = rig.call("list(pw.ledger.head)")
+    assert rig.call(f"pw.apply_update({rig.world.ack(rig.payer, seq, chain)!r})") is True
+    # Reported to the backend: it no longer counts as unreported offline spending, though still unresolved.
+    assert rig.call("[pw.offline_spent, pw.balance]") == [0, 92_000]
+    rig.call("pw.compact()")
+    assert rig.call("pw.ledger.base_seq") < rig.call("pw.history() and pw.ledger.seq")
+    assert [e[3] for e in rig.call("pw.history()")][0] == "sent"  # a relay cannot make it forget
+    txid = wire.txid(rig.payer.device_id, 1)
+    refund = rig.world.status(rig.payer, txid, wire.ST_REFUNDED)
+    assert rig.call(f"pw.apply_update({refund!r})") is True
+    assert rig.call(f"pw.apply_update({refund!r})") is False
+    assert rig.call("[pw.balance, pw.offline_spent]") == [99_000, 0]
+    assert reopened(rig, "pw")[0] == 99_000
+    assert m3  # the payee never saw it: nothing to undo there
+    # A completed payment is never refunded.
+    done_txid = wire.txid(rig.payer.device_id, 2)
+    assert rig.call(f"pw.apply_update({rig.world.status(rig.payer, done_txid, wire.ST_REFUNDED)!r})") is False
+    assert rig.call(f"pw.apply_update({rig.world.status(rig.payer, done_txid, wire.ST_SETTLED)!r})") is True
+    assert [e[3] for e in rig.call("pw.history()")][-1] == "settled"
+
+
+def test_payee_credit_rejected_by_the_backend_is_taken_back(rig):
+    rig.pay(2_000)
+    txid = wire.txid(rig.payer.device_id, 1)
+    assert rig.call(f"ew.apply_update({rig.world.status(rig.payee, txid, wire.ST_REJECTED)!r})") is True
+    assert rig.call(f"ew.apply_update({rig.world.status(rig.payee, txid, wire.ST_REJECTED)!r})") is False
+    assert rig.call("ew.balance") == 0 and reopened(rig, "ew")[0] == 0
+    assert [e[3] for e in rig.call("ew.history()")] == ["rejected"]
+
+
+def test_damaged_ledger_locks_the_wallet_without_dropping_records(rig):
+    for amount in (100, 200, 300):
+        rig.pay(amount)
+    path = rig.call("pw.ledger.path")
+    rig.call("pw.ledger.close()")
+    with open(path, "r+b") as f:  # damage the second record in place
+        f.seek(120)
+        byte = f.read(1)
+        f.seek(120)
+        f.write(bytes([byte[0] ^ 0x40]))
+    reopened(rig, "pw")
+    assert rig.call("pw.locked") is True
+    assert "corrupt" in rig.call("str(pw.ledger.corrupt)")
+    rig.open(rig.qr())
+    rig.call("ps.read_hello(es.read_hello(ps.start())) and None")
+    assert "locked" in refused_code(rig, "ps.confirm(100)")
+    assert rig.call("ps.reason") == reasons.LOCKED
+    assert os.path.getsize(path) > 300  # nothing was cut off
