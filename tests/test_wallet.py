@@ -161,3 +161,11 @@ def test_damaged_ledger_locks_the_wallet_without_dropping_records(rig):
     assert "locked" in refused_code(rig, "ps.confirm(100)")
     assert rig.call("ps.reason") == reasons.LOCKED
     assert os.path.getsize(path) > 300  # nothing was cut off
+
+
+def test_revocation_list_survives_a_restart(rig):
+    rl = protocol.revocation_list(rig.world.backend, 4, NOW, [rig.payee.device_id])
+    assert rig.call(f"pw.apply_update({rl!r})") is True
+    rig.mp.exec("T.revocation_version = 0\nT._revoked = set()")  # forget it in RAM, as a reboot would
+    reopened(rig, "pw")
+    assert rig.call(f"[T.revocation_version, T.is_revoked({rig.payee.device_id!r})]") == [4, True]

@@ -13,6 +13,7 @@
 #   RESULT  status u8, payee_seq u32, time u32, payee signature 64: the receipt of the last SENT
 #   RCVD    the payer's payment without type, version, txid and payee id; receipt status u8, time u32
 #   VOUCHER / ACK / STATUS   the backend's signed message as received; STATUS adds role u8, amount u32
+import os
 import struct
 
 from paytoken import reasons, wire
@@ -55,6 +56,8 @@ class Wallet:
         self.device_id = self.cert.device_id
         self.trust = trust
         self.ledger = Ledger(ledger_path)
+        self._revocation_path = ledger_path + ".revoked"
+        self._load_revocation()
         self._reset()
         if self.ledger.checkpoint:
             self._load_snapshot(self.ledger.checkpoint)
@@ -246,7 +249,7 @@ class Wallet:
         kind = raw[0]
         try:
             if kind == wire.T_REVOCATION:
-                return self.trust.apply_revocation(raw)
+                return self._revocation(raw)
             decode = {wire.T_VOUCHER: wire.decode_voucher, wire.T_ACK: wire.decode_ack,
                       wire.T_STATUS: wire.decode_status}.get(kind)
             if decode is None:
@@ -263,6 +266,28 @@ class Wallet:
         if kind == wire.T_ACK:
             return self._ack(msg)
         return self._status(msg)
+
+    def _revocation(self, raw):
+        # Newer lists only (Trust checks signature and version); kept in a file of its own, replaced
+        # atomically, because it is not money: it never goes into the ledger or its checkpoints.
+        if not self.trust.apply_revocation(raw):
+            return False
+        tmp = self._revocation_path + ".new"
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.rename(tmp, self._revocation_path)
+        return True
+
+    def _load_revocation(self):
+        try:
+            with open(self._revocation_path, "rb") as f:
+                raw = f.read()
+        except OSError:
+            return
+        try:
+            self.trust.apply_revocation(raw)
+        except Refused:
+            pass  # a damaged file: the next sync brings the list again
 
     def _voucher(self, v):
         if v.counter <= self.voucher_counter:
