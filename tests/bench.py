@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -267,11 +268,56 @@ def run_protocol(rows: list[dict]) -> None:
         rows.append({"measure": name, "value": value, "target": target})
 
 
+def ledger_script(role: str, mode: str, heapsize: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MICROPYPATH=micropython_path())
+    script = fwbuild.ROOT / "tests" / "harness" / "ledger_bench.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run(
+            [micropython_command(), "-X", f"heapsize={heapsize}", str(script), role, mode, f"{tmp}/ledger"],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+
+
+def run_ledger(rows: list[dict]) -> None:
+    print("\n== Flash ledger and wallet (1 MB emulated NOR flash with LittleFS v2, MicroPython)")
+    print(f"{'measure':52} {'payer':>9} {'payee':>9} {'target':>9}")
+    print("-" * 82)
+    res = {}
+    for role in ("payer", "payee"):
+        full = json.loads(ledger_script(role, "all", "2M").stdout)
+        opened = json.loads(ledger_script(role, "open", "2M").stdout)
+
+        def fits(kb: int, role: str = role) -> bool:
+            return ledger_script(role, "heap", f"{kb}K").returncode == 0
+
+        lo, hi = 8, 128
+        heap = None
+        if fits(hi):
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+            heap = hi
+        res[role] = {**full, "open_ms": opened["open_ms"], "heap_kb": heap}
+    table = [
+        ("payment records in a 1 MB filesystem", "capacity", ">= 5000"),
+        ("flash bytes per payment (records + framing)", "bytes_per_payment", None),
+        ("append latency, median (us)", "append_us_median", None),
+        ("append latency, p99 (us)", "append_us_p99", None),
+        ("open and recover with 5,000 payments (ms)", "open_ms", None),
+        ("min heap: open + replay 5,000 payments + append (KB)", "heap_kb", "<= 64"),
+    ]
+    for name, key, target in table:
+        a, b = res["payer"][key], res["payee"][key]
+        print(f"{name:52} {a!s:>9} {b!s:>9} {target or '':>9}", flush=True)
+        rows.append({"measure": name, "payer": a, "payee": b, "target": target})
+
+
 def main() -> int:
     fwbuild.build(FIRMWARE_BUILD)
     rows: list[dict] = []
     run_crypto(rows)
     run_protocol(rows)
+    run_ledger(rows)
     out = fwbuild.ROOT / "build" / "bench.json"
     out.write_text(json.dumps(rows, indent=2))
     print(f"\n(rows also written to {out.relative_to(fwbuild.ROOT)})")

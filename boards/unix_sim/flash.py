@@ -107,8 +107,8 @@ class FlashDevice:
 
     # ---- power ----
 
-    @property
     def powered(self):
+        """False from a cut (or power_off()) until power_on()."""
         return not self._port.dead
 
     def power_on(self):

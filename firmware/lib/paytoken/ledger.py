@@ -50,6 +50,13 @@ def _header(base_seq, base_hash, checkpoint):
     return body + _crc_bytes(body)
 
 
+def _chain(h, payload):
+    # The chain hash after a record: SHA-256(previous hash || payload), without concatenating.
+    hasher = sha256(h)
+    hasher.update(payload)
+    return hasher.digest()
+
+
 def _record(prev_hash, payload):
     body = struct.pack(">H", len(payload)) + prev_hash[:4] + payload
     return body + _crc_bytes(body)
@@ -58,6 +65,7 @@ def _record(prev_hash, payload):
 class Ledger:
     def __init__(self, path):
         self.path = path
+        self._buf = memoryview(bytearray(MAX_PAYLOAD + _CRC))
         self.corrupt = None  # a LedgerCorrupt once found on open
         self.dropped_tail = 0  # bytes of a torn last record cut off on open
         self._f = None
@@ -82,9 +90,10 @@ class Ledger:
             raise LedgerCorrupt(0, 0, "header check failed")
         return base_seq, bytes(base_hash), rest[:cp_len], _HEAD_LEN + cp_len + _CRC
 
-    def _scan(self, visit=None):
+    def _scan(self):
         # Walks every record, checking CRC and chain; returns (seq, hash, good_end, file_size, problem).
         # problem is None, ("tail", offset) for a torn last record, or ("corrupt", offset, why).
+        # One preallocated buffer for all records: opening a long ledger makes no garbage per record.
         with open(self.path, "rb") as f:
             base_seq, h, checkpoint, off = self._read_header(f)
             self.base_seq = base_seq
@@ -95,6 +104,7 @@ class Ledger:
             f.seek(off)
             seq = base_seq
             head = bytearray(_REC_HEAD)
+            mv = self._buf
             while off < size:
                 problem = None
                 if f.readinto(head) != _REC_HEAD:
@@ -103,21 +113,18 @@ class Ledger:
                     n = head[0] << 8 | head[1]
                     if n > MAX_PAYLOAD:
                         problem = "bad length"
-                    else:
-                        rest = f.read(n + _CRC)
-                        if len(rest) != n + _CRC or rest[n:] != _crc_bytes(bytes(head) + rest[:n]):
-                            problem = "check failed"
-                        elif head[2:] != h[:4]:
-                            problem = "chain broken"
+                    elif f.readinto(mv[:n + _CRC]) != n + _CRC:
+                        problem = "check failed"
+                    elif int.from_bytes(mv[n:n + _CRC], "big") != crc32(mv[:n], crc32(head)) & 0xFFFFFFFF:
+                        problem = "check failed"
+                    elif head[2:] != h[:4]:
+                        problem = "chain broken"
                 if problem:
                     if problem != "chain broken" and not self._record_after(f, off, size):
                         return seq, h, off, size, ("tail", off)
                     return seq, h, off, size, ("corrupt", off, problem)
-                payload = rest[:n]
-                h = sha256(h + payload).digest()
+                h = _chain(h, mv[:n])
                 seq += 1
-                if visit is not None:
-                    visit(seq, payload)
                 off += _REC_HEAD + n + _CRC
             return seq, h, off, size, None
 
@@ -167,23 +174,24 @@ class Ledger:
 
     def records(self, start=0):
         # (seq, payload) for every record with seq >= start that is still in the file, oldest first.
-        # Reads one record at a time: memory does not grow with the ledger.
+        # The payload is a memoryview into one reused buffer, valid until the next record is drawn:
+        # copy what you keep. Memory does not grow with the ledger.
+        buf = memoryview(bytearray(MAX_PAYLOAD))
         with open(self.path, "rb") as f:
-            _, h, _, off = self._read_header(f)
+            self._read_header(f)
             seq = self.base_seq
             head = bytearray(_REC_HEAD)
             while seq < self.seq:
                 if f.readinto(head) != _REC_HEAD:
                     return
                 n = head[0] << 8 | head[1]
-                if seq + 1 >= start:
-                    payload = f.read(n)
+                seq += 1
+                if seq >= start:
+                    f.readinto(buf[:n])
                     f.seek(_CRC, 1)
-                    seq += 1
-                    yield seq, payload
+                    yield seq, buf[:n]
                 else:
                     f.seek(n + _CRC, 1)
-                    seq += 1
 
     # ---- writing ----
     def append(self, payload):
@@ -198,7 +206,7 @@ class Ledger:
             f = self._f = open(self.path, "ab")
         f.write(rec)
         f.flush()
-        self.hash = sha256(self.hash + payload).digest()
+        self.hash = _chain(self.hash, payload)
         self.seq += 1
         return self.seq
 
@@ -210,7 +218,7 @@ class Ledger:
             raise ValueError("no such record")
         h = self.base_hash
         for s, payload in self.records(self.base_seq + 1):
-            h = sha256(h + payload).digest()
+            h = _chain(h, payload)
             if s == seq:
                 return h
 
@@ -228,8 +236,8 @@ class Ledger:
             out.write(_header(upto_seq, base_hash, checkpoint))
             h = base_hash
             for _, payload in self.records(upto_seq + 1):
-                out.write(_record(h, payload))
-                h = sha256(h + payload).digest()
+                out.write(_record(h, bytes(payload)))
+                h = _chain(h, payload)
         os.rename(tmp, self.path)
         self.base_seq = upto_seq
         self.base_hash = base_hash

@@ -71,7 +71,7 @@ class PayeeSession(Session):
         last = w.last_from(p.payer_id)
         if p.counter < 1 or (last is not None and p.counter <= last[0]):
             raise Refused(reasons.COUNTER)
-        if last is not None and p.counter == last[0] + 1 and p.prev_hash != last[1]:
+        if last is not None and p.counter == last[0] + 1 and last[1] is not None and p.prev_hash != last[1]:
             raise Refused(reasons.CHAIN)
         w.check_credit(p.amount)
 

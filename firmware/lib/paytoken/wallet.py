@@ -45,6 +45,7 @@ _FINAL = {ST: name for ST, name in ((wire.ST_SETTLED, "settled"), (wire.ST_REJEC
 _SENT = ">8sI8s32sI32s"
 _RESULT = ">BII64s"
 _RCVD = ">8sIHII32s8s32sI64sBI"
+_RCVD_STATUS = 162  # offset of the receipt status in a RCVD body
 _SNAP = ">iI32sIIIIIB"
 
 
@@ -119,12 +120,14 @@ class Wallet:
                 self.balance += amount
                 self.offline_spent -= amount
         elif kind == K_RCVD:
-            f = struct.unpack(_RCVD, body)
             self.seq += 1
-            if f[10] == reasons.OK:
-                self.balance += f[1]
+            if body[_RCVD_STATUS] == reasons.OK:
+                amount, _, counter = struct.unpack_from(">IHI", body, 8)
+                self.balance += amount
+                # Remember where the payer's last payment is, not its hash: replay stays allocation-light,
+                # and the hash is rebuilt only when that payer pays again (last_from).
                 payers = self._payers
-                payers[f[0]] = (f[3], payment_hash(self._rcvd_payment(f)))
+                payers[bytes(body[:8])] = (counter, seq)
                 if len(payers) > _PAYER_MEMORY:
                     payers.pop(next(iter(payers)))
         elif kind == K_VOUCHER:
@@ -220,7 +223,14 @@ class Wallet:
 
     # ---- payee ----
     def last_from(self, payer_id):
-        return self._payers.get(bytes(payer_id))
+        # (counter, payment hash or None) of the last payment we accepted from this payer, or None.
+        entry = self._payers.get(bytes(payer_id))
+        if entry is None:
+            return None
+        if entry[1] <= self.ledger.base_seq:
+            return entry[0], None  # compacted away: the counter still counts, the chain link is unknown
+        for _, payload in self.ledger.records(entry[1]):
+            return entry[0], payment_hash(self._rcvd_payment(struct.unpack_from(_RCVD, payload, 1)))
 
     def check_credit(self, amount):
         if self.balance + amount > self.cert.max_holding:
