@@ -45,7 +45,7 @@ bench: firmware
 # Hardware only: copies build/firmware to a board over USB with mpremote.
 deploy: firmware
 	@test -n "$(PORT)" || (echo "usage: make deploy PORT=/dev/ttyUSB0 [BOARD=...]" >&2; exit 2)
-	$(VENV)/bin/mpremote connect $(PORT) fs cp -r $(BUILD)/. : + reset
+	cd $(BUILD) && $(abspath $(VENV))/bin/mpremote connect $(PORT) fs cp -r boot.py main.py lib board : + reset
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

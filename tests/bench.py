@@ -164,7 +164,7 @@ def side_process(role: str, heapsize: str, *extra: str) -> subprocess.Popen:
     )
 
 
-def payment_setup() -> tuple[list[str], list[str], int]:
+def payment_setup(tmp: str) -> tuple[list[str], list[str], int]:
     from paytoken import wire
     from tests.protocol_rig import NOW, World
 
@@ -172,16 +172,22 @@ def payment_setup() -> tuple[list[str], list[str], int]:
     payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)
     qr = wire.qr_payload(payee.device_id[:4], bytes(6), False, payee.static[1], os.urandom(8))
     amount = 10_000
-    common = [world.issuer.public.hex()]
-    payer_lines = common + [payer.priv.hex(), payer.cert.hex(), "00", "00", qr.hex(), f"{NOW} {amount} 100000"]
+    common = [world.issuer.public.hex(), world.backend_pub.hex()]
+    payer_lines = common + [payer.priv.hex(), payer.cert.hex(), "00", "00", qr.hex(),
+                            world.voucher(payer, 1, 100_000).hex(), f"{tmp}/payer.log", f"{NOW} {amount}"]
     payee_lines = common + [payee.priv.hex(), payee.cert.hex(), payee.static[0].hex(), payee.static[1].hex(),
-                            qr.hex(), f"{NOW} {amount} 0"]
+                            qr.hex(), "", f"{tmp}/payee.log", f"{NOW} {amount}"]
     return payer_lines, payee_lines, amount
 
 
 def run_payment(payer_heap: str, payee_heap: str) -> dict | None:
     """A whole payment between two MicroPython processes; None if either side failed (e.g. out of heap)."""
-    payer_lines, payee_lines, _ = payment_setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        return _run_payment(payer_heap, payee_heap, tmp)
+
+
+def _run_payment(payer_heap: str, payee_heap: str, tmp: str) -> dict | None:
+    payer_lines, payee_lines, _ = payment_setup(tmp)
     a, b = side_process("payer", payer_heap), side_process("payee", payee_heap)
     sizes = {"to_payee": 0, "to_payer": 0, "round_trips": 0}
     try:

@@ -24,10 +24,13 @@ def main():
         from paytoken.payee import PayeeSession
     if len(sys.argv) > 2:  # "imports": measure the code alone
         return
-    issuer_pub, priv, cert, xpriv, xpub, qr = rd(), rd(), rd(), rd(), rd(), rd()
-    now, amount, balance = (int(x) for x in sys.stdin.readline().split())
-    t = trust.Trust(issuer_pub, now=now)
-    w = wallet.Wallet(priv, cert, balance=balance)
+    issuer_pub, backend_pub, priv, cert, xpriv, xpub, qr, voucher = rd(), rd(), rd(), rd(), rd(), rd(), rd(), rd()
+    ledger_path = sys.stdin.readline().strip()
+    now, amount = (int(x) for x in sys.stdin.readline().split())
+    t = trust.Trust(issuer_pub, backend_pub=backend_pub, now=now)
+    w = wallet.Wallet(ledger_path, priv, cert, t)
+    if voucher:
+        w.apply_update(voucher)
     cpu = 0
     if role == "payer":
         t0 = time.ticks_us()
