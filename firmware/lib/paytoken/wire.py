@@ -56,6 +56,14 @@ def _check_len(data, n, name):
         raise WireError(name + ": wrong length")
 
 
+def _fixed(data, kind, name, fmt, length, cls):
+    # A fixed-length signed object: checked header and length, then its fields after type and version.
+    data = bytes(data)
+    _check_header(data, kind, name)
+    _check_len(data, length, name)
+    return cls(*(struct.unpack_from(fmt, data, 0)[2:] + (data,)))
+
+
 # ---- device certificate ----
 # type, version, serial u32, device_id 8, role u8, identity_pub 33 (compressed P-256),
 # [x25519_pub 32 if role has ROLE_PAYEE], currency u16, limit_payment u32, limit_offline u32,
@@ -176,11 +184,7 @@ def payment_body(txid, payer_id, payee_id, amount, currency, counter, offline_sp
 
 
 def decode_payment(data):
-    data = bytes(data)
-    _check_header(data, T_PAYMENT, "payment")
-    _check_len(data, PAYMENT_LEN, "payment")
-    f = struct.unpack_from(_PAY, data, 0)
-    return Payment(f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12], data)
+    return _fixed(data, T_PAYMENT, "payment", _PAY, PAYMENT_LEN, Payment)
 
 
 # ---- receipt (the payee's countersignature over a payment) ----
@@ -201,11 +205,7 @@ def receipt_body(payment_hash, status, payee_seq, time):
 
 
 def decode_receipt(data):
-    data = bytes(data)
-    _check_header(data, T_RECEIPT, "receipt")
-    _check_len(data, RECEIPT_LEN, "receipt")
-    _, _, payment_hash, status, payee_seq, time = struct.unpack_from(_RCPT, data, 0)
-    return Receipt(payment_hash, status, payee_seq, time, data)
+    return _fixed(data, T_RECEIPT, "receipt", _RCPT, RECEIPT_LEN, Receipt)
 
 
 def signed_part(raw):
@@ -351,11 +351,7 @@ def voucher_body(device_id, counter, amount, currency, issued_at):
 
 
 def decode_voucher(data):
-    data = bytes(data)
-    _check_header(data, T_VOUCHER, "voucher")
-    _check_len(data, VOUCHER_LEN, "voucher")
-    f = struct.unpack_from(_VOUCHER, data, 0)
-    return Voucher(f[2], f[3], f[4], f[5], f[6], data)
+    return _fixed(data, T_VOUCHER, "voucher", _VOUCHER, VOUCHER_LEN, Voucher)
 
 
 # Acknowledgement: type, version, device_id 8, upto_seq u32 (ledger sequence), chain_hash 32 (the device's
@@ -371,11 +367,7 @@ def ack_body(device_id, upto_seq, chain_hash, issued_at):
 
 
 def decode_ack(data):
-    data = bytes(data)
-    _check_header(data, T_ACK, "ack")
-    _check_len(data, ACK_LEN, "ack")
-    f = struct.unpack_from(_ACK, data, 0)
-    return Ack(f[2], f[3], f[4], f[5], data)
+    return _fixed(data, T_ACK, "ack", _ACK, ACK_LEN, Ack)
 
 
 # Settlement status of one payment: type, version, device_id 8 (the device told), txid 16, status u8,
@@ -395,10 +387,7 @@ def status_body(device_id, txid, status, issued_at):
 
 
 def decode_status(data):
-    data = bytes(data)
-    _check_header(data, T_STATUS, "status")
-    _check_len(data, STATUS_LEN, "status")
-    f = struct.unpack_from(_STATUS, data, 0)
-    if f[4] not in (ST_SETTLED, ST_REJECTED, ST_REFUNDED):
+    st = _fixed(data, T_STATUS, "status", _STATUS, STATUS_LEN, Status)
+    if st.status not in (ST_SETTLED, ST_REJECTED, ST_REFUNDED):
         raise WireError("status: unknown value")
-    return Status(f[2], f[3], f[4], f[5], data)
+    return st
