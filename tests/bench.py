@@ -111,19 +111,28 @@ def crypto_ops() -> list[Op]:
     ]
 
 
-def fmt(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+def ui_ops() -> list[Op]:
+    from paytoken import base45, wire
+
+    qr = base45.encode(wire.qr_payload(os.urandom(4), os.urandom(6), False, os.urandom(32), os.urandom(8)))
+    fb = "import framebuf\nbuf = bytearray(128 * 64 // 8)\nfb = framebuf.FrameBuffer(buf, 128, 64, framebuf.MONO_HLSB)"
+    return [
+        Op("QR encode, 77-char payload, L", f"from paytoken import qr\ntext = {qr!r}", "qr.encode(text, 'L')", None,
+           None),
+        Op("payee QR screen 128x64", f"from paytoken.ui import screens\n{fb}\ntext = {qr!r}",
+           "screens.render(fb, 128, 64, ('payee_qr', text))", None, None),
+    ]
 
 
-def run_crypto(rows: list[dict]) -> None:
+def run_ops(title: str, ops: list[Op], rows: list[dict]) -> None:
     header = (
         f"{'operation':28} {'uPy ms':>8} {'uPy ms@32K':>10} {'target':>7} {'host us':>8} {'min heap':>9} "
         f"{'32K ok':>6}"
     )
-    print("\n== Firmware crypto core (MicroPython unix port; host = cryptography on CPython)")
+    print(title)
     print(header)
     print("-" * len(header))
-    for op in crypto_ops():
+    for op in ops:
         roomy = median_us(op.setup, op.expr, "1M")
         small = median_us(op.setup, op.expr, "32K")
         host = host_median_us(op.host) if op.host else None
@@ -145,6 +154,14 @@ def run_crypto(rows: list[dict]) -> None:
             f"{'yes' if row['fits_32k'] else 'NO':>6}{met}",
             flush=True,
         )
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def run_crypto(rows: list[dict]) -> None:
+    run_ops("\n== Firmware crypto core (MicroPython unix port; host = cryptography on CPython)", crypto_ops(), rows)
 
 
 BENCH_BUILD = fwbuild.ROOT / "build" / "bench"
@@ -327,6 +344,7 @@ def main() -> int:
     run_crypto(rows)
     run_protocol(rows)
     run_ledger(rows)
+    run_ops("\n== QR code and screens (MicroPython unix port)", ui_ops(), rows)
     out = fwbuild.ROOT / "build" / "bench.json"
     out.write_text(json.dumps(rows, indent=2))
     print(f"\n(rows also written to {out.relative_to(fwbuild.ROOT)})")
