@@ -42,9 +42,12 @@ test-long: firmware lint
 bench: firmware
 	$(PY) -m tests.bench
 
-# Hardware only: copies build/firmware to a board over USB with mpremote.
+# Hardware only: installs the board's micropython-lib packages with mip (board.json "mip"), then copies
+# build/firmware to the board over USB with mpremote.
+MIP_PACKAGES = $(shell $(PYTHON3) -c "import json; print(' '.join(json.load(open('boards/$(BOARD)/board.json')).get('mip', [])))")
 deploy: firmware
-	@test -n "$(PORT)" || (echo "usage: make deploy PORT=/dev/ttyUSB0 [BOARD=...]" >&2; exit 2)
+	@test -n "$(PORT)" || (echo "usage: make deploy PORT=/dev/ttyUSB0 BOARD=esp32_devkitc_ssd1306" >&2; exit 2)
+	$(foreach pkg,$(MIP_PACKAGES),$(VENV)/bin/mpremote connect $(PORT) mip install $(pkg) &&) true
 	cd $(BUILD) && $(abspath $(VENV))/bin/mpremote connect $(PORT) fs cp -r boot.py main.py lib board : + reset
 
 clean:

@@ -1,0 +1,61 @@
+# Board: LILYGO TTGO T-Display (ESP32, ST7789V 240x135 IPS LCD, buttons on GPIO 0 and 35) + a GM65/GM861
+# scanner on UART1. Pins and settings live in board.json (INFO); boards/README.md has the wiring.
+#   INFO                                   board.json, parsed
+#   display()                              -> width, height, fb (1 = white), show(), power(on)
+#   buttons(callback, settle_ms, long_ms)  -> paytoken.drivers.buttons.Buttons; app calls poll() often
+#   scanner()                              -> paytoken.drivers.scanner.Scanner on machine.UART
+# Drivers are imported when first asked for, so a build that never scans never loads the scanner code.
+import json
+
+import machine
+
+
+def _load_info():
+    try:
+        f = __file__
+        i = f.rfind("/")
+        d = f[:i] if i >= 0 else "."
+    except NameError:  # frozen into the image: board.json was deployed beside it
+        d = "/board"
+    with open(d + "/board.json") as fh:
+        return json.load(fh)
+
+
+INFO = _load_info()
+
+
+def display():
+    from paytoken.drivers.st7789 import ST7789
+
+    d = INFO["display"]
+    Pin = machine.Pin
+    spi = machine.SPI(d["spi"], baudrate=d["baud"], polarity=0, phase=0, sck=Pin(d["sclk"]), mosi=Pin(d["mosi"]))
+    return ST7789(
+        spi,
+        dc=Pin(d["dc"], Pin.OUT),
+        cs=Pin(d["cs"], Pin.OUT, value=1),
+        rst=Pin(d["rst"], Pin.OUT, value=1),
+        bl=Pin(d["bl"], Pin.OUT, value=0),  # dark until the panel holds a picture
+        width=d["width"],
+        height=d["height"],
+        x_off=d["x_off"],
+        y_off=d["y_off"],
+        madctl=d["madctl"],
+    )
+
+
+def buttons(callback, settle_ms=20, long_ms=800):
+    from paytoken.drivers.buttons import Buttons
+
+    Pin = machine.Pin
+    # GPIO 35 is input-only without internal pulls: the T-Display has an external pull-up on it
+    pins = [(b["name"], Pin(b["pin"], Pin.IN, pull=Pin.PULL_UP if b["pull_up"] else None)) for b in INFO["buttons"]]
+    return Buttons(pins, callback, settle_ms, long_ms)
+
+
+def scanner():
+    from paytoken.drivers.scanner import Scanner
+
+    s = INFO["scanner"]
+    uart = machine.UART(s["uart"], baudrate=s["baud"], tx=s["tx"], rx=s["rx"], rxbuf=s["rxbuf"])
+    return Scanner(uart)
