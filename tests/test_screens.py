@@ -5,6 +5,7 @@ screens, and every drawing call is checked to stay on the display."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,12 @@ from tests.harness.mp import ROOT, MicroPythonError, run_script
 
 OUT = ROOT / "build" / "screens"
 SIZES = ((128, 64), (240, 135))
+# Every board's display, from its board.json: each screen is also saved under the board's name.
+BOARDS = {
+    f.parent.name: (d["width"], d["height"])
+    for f in sorted((ROOT / "boards").glob("*/board.json"))
+    if (d := json.loads(f.read_text()).get("display"))
+}
 USD, EUR = 840, 978
 
 # On MicroPython: render into a fresh buffer (pre-filled with `fill`, to show a screen redraws every pixel) in
@@ -156,6 +163,9 @@ def save(rows: list[str], w: int, h: int, label: str) -> Path:
     path = OUT / f"{w}x{h}_{label}.png"
     img.save(path)
     img.resize((w * 4, h * 4), Image.NEAREST).save(OUT / f"{w}x{h}_{label}_x4.png")
+    for board, size in BOARDS.items():
+        if size == (w, h):
+            img.save(OUT / f"{board}_{label}.png")
     return path
 
 
@@ -224,6 +234,11 @@ def test_wrap_and_fit(ui):
 # ---- every screen, both displays ----
 
 
+def test_every_board_has_a_display_size_that_is_rendered():
+    assert set(BOARDS) == {"unix_sim", "esp32_devkitc_ssd1306", "lilygo_tdisplay"}
+    assert set(BOARDS.values()) <= set(SIZES)
+
+
 @pytest.mark.parametrize(("w", "h"), SIZES, ids=lambda v: str(v))
 def test_every_screen_renders_and_is_saved(ui, w, h):
     # Every screen name has a sample; each renders, is saved (1:1 and x4), is neither blank nor all lit, redraws
@@ -234,6 +249,7 @@ def test_every_screen_renders_and_is_saved(ui, w, h):
         rows, _ = render(ui, w, h, state)
         path = save(rows, w, h, label)
         assert path.exists() and (OUT / f"{w}x{h}_{label}_x4.png").exists()
+        assert all((OUT / f"{b}_{label}.png").exists() for b, size in BOARDS.items() if size == (w, h))
         lit = sum(r.count("1") for r in rows)
         assert 0 < lit < w * h, label
         assert render(ui, w, h, state, fill=0xA5)[0] == rows, f"{label}: not every pixel redrawn"

@@ -2,6 +2,8 @@
 # board.display() / buttons() / scanner() when first called, so code that only needs board.flash (the
 # ledger bench, the power-cut tests) does not pay for it in the heap.
 import os
+import struct
+from binascii import crc32
 
 import framebuf
 
@@ -38,6 +40,18 @@ class _Tail:
 # Display ---------------------------------------------------------------------------------------------
 
 
+def _chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _adler32(data):
+    a, b = 1, 0
+    for x in data:
+        a = (a + x) % 65521
+        b = (b + a) % 65521
+    return b << 16 | a
+
+
 class SimDisplay:
     def __init__(self, width=128, height=64, path=None, stream=None):
         self.width = width
@@ -66,11 +80,32 @@ class SimDisplay:
         head = b"P4\n%d %d\n" % (self.width, self.height)
         return head + bytes(b ^ 0xFF for b in self.buffer)
 
+    def png(self):
+        # 1-bit greyscale PNG: its 1 is white, so the MONO_HLSB rows go in as they are (lit = white).
+        # The zlib stream uses stored blocks: no compressor needed, and a 128x64 frame is ~1.1 KB.
+        row = (self.width + 7) // 8
+        raw = bytearray()
+        mv = memoryview(self.buffer)
+        for y in range(self.height):
+            raw.append(0)  # filter: none
+            raw.extend(mv[y * row:(y + 1) * row])
+        z = bytearray(b"\x78\x01")
+        for i in range(0, len(raw), 65535):
+            block = raw[i:i + 65535]
+            n = len(block)
+            z.append(1 if i + 65535 >= len(raw) else 0)
+            z.extend(struct.pack("<HH", n, n ^ 0xFFFF))
+            z.extend(block)
+        z.extend(struct.pack(">I", _adler32(raw)))
+        ihdr = struct.pack(">IIBBBBB", self.width, self.height, 1, 0, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", z) + _chunk(b"IEND", b"")
+
     def save(self, path):
-        # written beside, then renamed: a reader never sees half a frame
+        # PNG, or PBM for a path ending in .pbm; written beside, then renamed: a reader never sees half
+        # a frame.
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
-            f.write(self.pbm())
+            f.write(self.pbm() if path.endswith(".pbm") else self.png())
         os.rename(tmp, path)
 
     def render(self):
