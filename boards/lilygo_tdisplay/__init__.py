@@ -5,23 +5,11 @@
 #   buttons(callback, settle_ms, long_ms)  -> paytoken.drivers.buttons.Buttons; app calls poll() often
 #   scanner()                              -> paytoken.drivers.scanner.Scanner on machine.UART
 # Drivers are imported when first asked for, so a build that never scans never loads the scanner code.
-import json
-
 import machine
 
+from paytoken.drivers import board_common
 
-def _load_info():
-    try:
-        f = __file__
-        i = f.rfind("/")
-        d = f[:i] if i >= 0 else "."
-    except NameError:  # frozen into the image: board.json was deployed beside it
-        d = "/board"
-    with open(d + "/board.json") as fh:
-        return json.load(fh)
-
-
-INFO = _load_info()
+INFO = board_common.load_info(globals().get("__file__"))
 
 
 def display():
@@ -45,17 +33,8 @@ def display():
 
 
 def buttons(callback, settle_ms=20, long_ms=800):
-    from paytoken.drivers.buttons import Buttons
-
-    Pin = machine.Pin
-    # GPIO 35 is input-only without internal pulls: the T-Display has an external pull-up on it
-    pins = [(b["name"], Pin(b["pin"], Pin.IN, pull=Pin.PULL_UP if b["pull_up"] else None)) for b in INFO["buttons"]]
-    return Buttons(pins, callback, settle_ms, long_ms)
+    return board_common.gpio_buttons(INFO, callback, settle_ms, long_ms)
 
 
 def scanner():
-    from paytoken.drivers.scanner import Scanner
-
-    s = INFO["scanner"]
-    uart = machine.UART(s["uart"], baudrate=s["baud"], tx=s["tx"], rx=s["rx"], rxbuf=s["rxbuf"])
-    return Scanner(uart)
+    return board_common.uart_scanner(INFO)

@@ -10,19 +10,12 @@
 #                             PAYTOKEN_SIM_BUTTONS   file of button commands, one a line, read by poll()
 #                             PAYTOKEN_SIM_SCANNER   file of QR texts, one a line, shown to the scanner
 # The simulated devices live in sim.py, imported on first use.
-import json
 import os
 import sys
 
+from paytoken.drivers import board_common
 
-def _load_info():
-    f = __file__
-    i = f.rfind("/")
-    with open((f[:i] if i >= 0 else ".") + "/board.json") as fh:
-        return json.load(fh)
-
-
-INFO = _load_info()
+INFO = board_common.load_info(__file__)
 
 
 def _env(name):
