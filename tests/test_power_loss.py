@@ -21,7 +21,8 @@ def cutter(request):
     world = World()
     payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)
     backend = world.backend.private_numbers().private_value.to_bytes(32, "big")
-    with MicroPython(heapsize="48M", extra_path=[HARNESS]) as mp:
+    # Two 256 KB flash images are kept per operation for the cut runs to start from.
+    with MicroPython(heapsize="160M" if payments > 16 else "48M", extra_path=[HARNESS]) as mp:
         mp.exec(
             "import powercut\n"
             f"world = powercut.World({world.issuer.public!r}, {backend!r}, {NOW}, ({payer.priv!r}, {payer.cert!r}),"
