@@ -115,7 +115,7 @@ class World:
     def workload(self, payments):
         ops = [("voucher", self.voucher(100000))]
         for k in range(1, payments + 1):
-            ops.append(("pay", self.payment(100 * k, deliver_receipt=k != 5)))
+            ops.append(("pay", self.payment(100 * ((k - 1) % 12 + 1), deliver_receipt=k != 5)))
             if k % 4 == 0:
                 ops.append(("ack-a", self.ack_and_compact(self.a)))
                 ops.append(("ack-b", self.ack_and_compact(self.b)))
