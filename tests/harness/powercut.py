@@ -91,11 +91,11 @@ class World:
         return lambda: self.a.w.apply_update(self.sign(wire.voucher_body(self.a.w.device_id, counter, amount,
                                                                           840, self.now)))
 
-    def payment(self, amount, deliver_receipt=True):
+    def payment(self, amount, n, deliver_receipt=True):
         def run():
             a, b = self.a, self.b
             qr = wire.qr_payload(b.w.device_id[:4], bytes(6), False, b.static[1],
-                                 bytes(((amount >> 8) & 255, amount & 255)) + b"nonce!")
+                                 bytes(((n >> 8) & 255, n & 255)) + b"nonce!")  # a fresh QR each
             ps = PayerSession(a.w, a.w.trust, base45.encode(qr))
             es = PayeeSession(b.w, b.w.trust, b.static[0], b.static[1], qr)
             ps.read_hello(es.read_hello(ps.start()))
@@ -115,7 +115,7 @@ class World:
     def workload(self, payments):
         ops = [("voucher", self.voucher(100000))]
         for k in range(1, payments + 1):
-            ops.append(("pay", self.payment(100 * ((k - 1) % 12 + 1), deliver_receipt=k != 5)))
+            ops.append(("pay", self.payment(100 * ((k - 1) % 12 + 1), k, deliver_receipt=k != 5)))
             if k % 4 == 0:
                 ops.append(("ack-a", self.ack_and_compact(self.a)))
                 ops.append(("ack-b", self.ack_and_compact(self.b)))
