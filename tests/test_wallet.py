@@ -169,3 +169,13 @@ def test_revocation_list_survives_a_restart(rig):
     rig.mp.exec("T.revocation_version = 0\nT._revoked = set()")  # forget it in RAM, as a reboot would
     reopened(rig, "pw")
     assert rig.call(f"[T.revocation_version, T.is_revoked({rig.payee.device_id!r})]") == [4, True]
+
+
+def test_ack_of_an_earlier_record_keeps_later_spending_counted(rig):
+    rig.pay(1_000)
+    seq, chain = rig.call("list(pw.ledger.head)")
+    rig.pay(2_000)
+    rig.pay(3_000)
+    assert rig.call(f"pw.apply_update({rig.world.ack(rig.payer, seq, chain)!r})") is True
+    assert rig.call("[pw.offline_spent, pw.payments_since_sync]") == [5_000, 2]
+    assert reopened(rig, "pw")[3] == 5_000

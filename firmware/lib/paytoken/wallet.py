@@ -79,6 +79,7 @@ class Wallet:
         self._nonces = []
         self._payers = {}
         self._open = {}  # payer: counter -> (ledger seq, amount) of payments without a final outcome
+        self._unacked = {}  # payer: counter -> (ledger seq, amount) spent since the last acknowledgement
         self._last_sent = None  # (counter, ledger seq, amount) of the newest SENT awaiting its receipt
         self._snap_counter = 0  # payer counter at the ledger's checkpoint
 
@@ -109,6 +110,7 @@ class Wallet:
             self.payments_since_sync += 1
             self.prev_hash = phash
             self._open[self.counter] = (seq, amount)
+            self._unacked[self.counter] = (seq, amount)
             self._last_sent = (self.counter, seq, amount)
             self._nonces.append(bytes(nonce))
             del self._nonces[:-_NONCE_MEMORY]
@@ -118,7 +120,8 @@ class Wallet:
             del self._open[counter]
             if body[0] != reasons.OK:  # refused by the payee: voided, the money returns
                 self.balance += amount
-                self.offline_spent -= amount
+                if self._unacked.pop(counter, None):
+                    self.offline_spent -= amount
         elif kind == K_RCVD:
             self.seq += 1
             if body[_RCVD_STATUS] == reasons.OK:
@@ -139,9 +142,13 @@ class Wallet:
             a = wire.decode_ack(body)
             self.acked_seq = a.upto_seq
             self._saw_time(a.issued_at)
-            # Spending acknowledged by the backend no longer counts against the offline limit.
-            self.offline_spent = sum(amount for s, amount in self._open.values() if s > a.upto_seq)
-            self.payments_since_sync = 0
+            # Spending the backend has acknowledged no longer counts against the offline limit; what
+            # came after the acknowledged record still does.
+            unacked = self._unacked
+            for c in [c for c, (s, _) in unacked.items() if s <= a.upto_seq]:
+                del unacked[c]
+            self.offline_spent = sum(amount for _, amount in unacked.values())
+            self.payments_since_sync = len(unacked)
         elif kind == K_STATUS:
             n = len(body)
             st = wire.decode_status(body[:n - 5])
