@@ -345,49 +345,55 @@ class Wallet:
         self._append(bytes((K_STATUS,)) + st.raw + struct.pack(">BI", role, amount))
         return True
 
-    def _find_payment(self, txid):
-        # (role, amount, a status already applied) of one of our payments still in the ledger, or None.
+    def _events(self):
+        # (kind, txid, amount, status) for each payment record still in the ledger, oldest first: SENT and
+        # RCVD carry txid and amount, RESULT the receipt status of the last SENT, STATUS the backend's.
         counter = self._snap_counter
-        found = None
         for _, payload in self.ledger.records(self.ledger.base_seq + 1):
             kind = payload[0]
             if kind == K_SENT:
                 counter += 1
-                if wire.txid(self.device_id, counter) == txid:
-                    found = [wire.ROLE_PAYER, struct.unpack_from(">I", payload, 9)[0], False]
+                yield kind, wire.txid(self.device_id, counter), struct.unpack_from(">I", payload, 9)[0], None
+            elif kind == K_RESULT:
+                yield kind, None, None, payload[1]
             elif kind == K_RCVD:
-                f = struct.unpack_from(_RCVD, payload, 1)
-                if wire.txid(f[0], f[3]) == txid:
-                    found = [wire.ROLE_PAYEE, f[1] if f[10] == reasons.OK else 0, False]
-            elif kind == K_STATUS and found is not None:
-                if wire.decode_status(payload[1:len(payload) - 5]).txid == txid:
-                    found[2] = True
+                amount, _, counter_in = struct.unpack_from(">IHI", payload, 9)
+                yield kind, wire.txid(bytes(payload[1:9]), counter_in), amount, payload[1 + _RCVD_STATUS]
+            elif kind == K_STATUS:
+                st = wire.decode_status(payload[1:len(payload) - 5])
+                yield kind, st.txid, None, st.status
+
+    def _find_payment(self, txid):
+        # (role, amount, a status already applied) of one of our payments still in the ledger, or None.
+        found = None
+        for kind, t, amount, status in self._events():
+            if t != txid:
+                continue
+            if kind == K_SENT:
+                found = [wire.ROLE_PAYER, amount, False]
+            elif kind == K_RCVD:
+                found = [wire.ROLE_PAYEE, amount if status == reasons.OK else 0, False]
+            elif found is not None:
+                found[2] = True
         return found
 
     # ---- history, for the screens and the sync client ----
     def history(self):
         # [role, txid, amount, state] for every payment still in the ledger, oldest first.
         out = []
-        counter = self._snap_counter
         last = None
-        for _, payload in self.ledger.records(self.ledger.base_seq + 1):
-            kind = payload[0]
+        for kind, txid, amount, status in self._events():
             if kind == K_SENT:
-                counter += 1
-                last = [wire.ROLE_PAYER, wire.txid(self.device_id, counter),
-                        struct.unpack_from(">I", payload, 9)[0], SENT]
+                last = [wire.ROLE_PAYER, txid, amount, SENT]
                 out.append(last)
             elif kind == K_RESULT:
-                last[3] = DONE if payload[1] == reasons.OK else VOIDED
+                last[3] = DONE if status == reasons.OK else VOIDED
             elif kind == K_RCVD:
-                f = struct.unpack_from(_RCVD, payload, 1)
-                out.append([wire.ROLE_PAYEE, wire.txid(f[0], f[3]), f[1],
-                            RECEIVED if f[10] == reasons.OK else REFUSED])
-            elif kind == K_STATUS:
-                st = wire.decode_status(payload[1:len(payload) - 5])
+                out.append([wire.ROLE_PAYEE, txid, amount, RECEIVED if status == reasons.OK else REFUSED])
+            else:
                 for entry in out:
-                    if entry[1] == st.txid:
-                        entry[3] = _FINAL[st.status]
+                    if entry[1] == txid:
+                        entry[3] = _FINAL[status]
         return out
 
     # ---- compaction ----
