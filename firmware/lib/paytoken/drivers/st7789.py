@@ -17,6 +17,7 @@
 #
 # MADCTL 0x60 is RGB order; a panel that swaps red and blue in colors() needs 0x68 (BGR bit).
 # spi: machine.SPI (mode 0, up to 40 MHz on the GPIO matrix); dc, cs, rst, bl: machine.Pin outputs.
+from struct import pack_into
 from time import sleep_ms
 
 import framebuf
@@ -124,19 +125,9 @@ class ST7789:
     def _window(self):
         # the whole visible area, in controller coordinates
         w = self._win
-        x0 = self.x_off
-        x1 = x0 + self.width - 1
-        w[0] = x0 >> 8
-        w[1] = x0 & 0xFF
-        w[2] = x1 >> 8
-        w[3] = x1 & 0xFF
+        pack_into(">HH", w, 0, self.x_off, self.x_off + self.width - 1)
         self._cmd(_CASET, w)
-        y0 = self.y_off
-        y1 = y0 + self.height - 1
-        w[0] = y0 >> 8
-        w[1] = y0 & 0xFF
-        w[2] = y1 >> 8
-        w[3] = y1 & 0xFF
+        pack_into(">HH", w, 0, self.y_off, self.y_off + self.height - 1)
         self._cmd(_RASET, w)
 
     def show(self):
