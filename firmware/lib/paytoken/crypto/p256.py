@@ -91,29 +91,6 @@ def _add_affine(X, Y, Z, x2, y2):
     return X3, (r * (v - X3) - Y * hhh) % p, Z * h % p
 
 
-def _add(X1, Y1, Z1, X2, Y2, Z2):
-    p = P
-    if Z1 == 0:
-        return X2, Y2, Z2
-    if Z2 == 0:
-        return X1, Y1, Z1
-    z1z1 = Z1 * Z1 % p
-    z2z2 = Z2 * Z2 % p
-    u1 = X1 * z2z2 % p
-    s1 = Y1 * Z2 * z2z2 % p
-    h = (X2 * z1z1 - u1) % p
-    r = (Y2 * Z1 * z1z1 - s1) % p
-    if h == 0:
-        if r == 0:
-            return _double(X1, Y1, Z1)
-        return 1, 1, 0
-    hh = h * h % p
-    hhh = h * hh % p
-    v = u1 * hh % p
-    X3 = (r * r - hhh - 2 * v) % p
-    return X3, (r * (v - X3) - s1 * hhh) % p, Z1 * Z2 * h % p
-
-
 def _affine(X, Y, Z, secret):
     if Z == 0:
         raise ValueError("point at infinity")
