@@ -3,7 +3,9 @@
 build/firmware/
   boot.py, main.py          (kept as source: the device runs these by name)
   lib/paytoken/**.mpy       (the firmware package, compiled)
-  board/...                 (the chosen board's files from boards/<BOARD>/)
+  board/...                 (the chosen board's files from boards/<BOARD>/, its lib/ excepted)
+  lib/*.mpy                 (boards/<BOARD>/lib/: top-level modules standing in for the port's built-ins,
+                             e.g. the simulator's `bluetooth`)
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ def build(out: Path, board: str = "unix_sim", mpy_cross: str | None = None) -> l
         written.append(dst)
     for src in sorted(p for p in board_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         rel = src.relative_to(board_dir)
-        if src.suffix == ".py":
+        if rel.parts[0] == "lib" and src.suffix == ".py":
+            dst = (out / rel).with_suffix(".mpy")
+            compile_module(mpy_cross, src, dst, rel.relative_to("lib").as_posix())
+        elif src.suffix == ".py":
             dst = (out / "board" / rel).with_suffix(".mpy")
             compile_module(mpy_cross, src, dst, f"board/{rel.as_posix()}")
         else:

@@ -11,7 +11,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = Path(__file__).with_name("mp_server.py")
-FIRMWARE_BUILD = ROOT / "build" / "firmware"
+# PAYTOKEN_FW_BUILD lets two test runs in one tree keep their builds apart.
+FIRMWARE_BUILD = Path(os.environ.get("PAYTOKEN_FW_BUILD") or ROOT / "build" / "firmware").resolve()
 
 
 def micropython_command() -> str:
