@@ -34,12 +34,23 @@ def stub_file(module: str) -> Path | None:
     return None
 
 
+def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """Module-level statements, those under `if sys.version_info ...` included (either branch)."""
+    out: list[ast.stmt] = []
+    for node in body:
+        if isinstance(node, ast.If):
+            out += _top_level(node.body) + _top_level(node.orelse)
+        else:
+            out.append(node)
+    return out
+
+
 @cache
 def stub_names(module: str) -> frozenset[str]:
     path = stub_file(module)
     assert path is not None
     names: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in _top_level(ast.parse(path.read_text()).body):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, ast.Assign):
@@ -49,8 +60,10 @@ def stub_names(module: str) -> frozenset[str]:
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 if alias.name == "*" and isinstance(node, ast.ImportFrom) and node.module:
-                    if stub_file(node.module):
-                        names |= stub_names(node.module)
+                    # a package stub re-exports its submodules: `from .locks import *` in asyncio
+                    source = f"{module}.{node.module}" if node.level else node.module
+                    if stub_file(source):
+                        names |= stub_names(source)
                 else:
                     names.add(alias.asname or alias.name.split(".")[0])
     return frozenset(names)
@@ -103,3 +116,9 @@ def test_checker_catches_unix_only_api(tmp_path: Path):
     assert stub_file("ffi") is None  # unix-only: would be reported
     assert "sha512" not in stub_names("hashlib")  # the ESP32 build has no SHA-512
     assert "sha256" in stub_names("hashlib") and "aes" in stub_names("cryptolib")
+
+
+def test_checker_follows_package_re_exports():
+    # asyncio's stub re-exports its submodules (`from .locks import *`), some under version checks
+    assert {"Event", "TimeoutError", "wait_for_ms", "create_task"} <= stub_names("asyncio")
+    assert "ThreadSafeFlag" in stub_names("asyncio")

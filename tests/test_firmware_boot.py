@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.harness.mp import FIRMWARE_BUILD, micropython_command
+from tests.harness.mp import FIRMWARE_BUILD, command, micropython_command
 
 
 def test_main_runs_self_test_from_the_built_image():
@@ -19,6 +19,16 @@ def test_main_runs_self_test_from_the_built_image():
     )
     assert proc.returncode == 0, proc.stderr
     assert "self-test passed" in proc.stdout
+
+
+def test_boots_in_place_from_the_romfs_image():
+    # As an ESP32 with a romfs partition: /rom mounted before boot.py, the code never copied to the heap.
+    argv, env = command("64K", source="import boot\nimport main\nimport paytoken\nprint(paytoken.__file__)",
+                        romfs=True)
+    proc = subprocess.run(argv, cwd=FIRMWARE_BUILD, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "self-test passed" in proc.stdout
+    assert proc.stdout.split()[-1] == "/rom/lib/paytoken/__init__.mpy"
 
 
 def test_self_test_passes(mp):

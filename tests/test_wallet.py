@@ -179,3 +179,20 @@ def test_ack_of_an_earlier_record_keeps_later_spending_counted(rig):
     assert rig.call(f"pw.apply_update({rig.world.ack(rig.payer, seq, chain)!r})") is True
     assert rig.call("[pw.offline_spent, pw.payments_since_sync]") == [5_000, 2]
     assert reopened(rig, "pw")[3] == 5_000
+
+
+def test_payer_memory_forgets_the_oldest_and_matches_whole_ids_only(mp):
+    # The payee's fixed-size memory of payers' last counters (wallet._PayerMemory), on MicroPython.
+    mp.exec(
+        "from paytoken import wallet\n"
+        "_pm = wallet._PayerMemory(4)\n"
+        "for _i in range(5):\n"
+        "    _pm.put(bytes([_i]) * 8, _i, 100 + _i)\n"
+        "_pm.put(b'\\x02' * 8, 20, 200)\n"  # an update keeps its slot
+    )
+    assert mp.eval("_pm.get(b'\\x00' * 8)") is None  # the first remembered went when the fifth came
+    assert mp.eval("[_pm.get(bytes([i]) * 8) for i in range(1, 5)]") == [[1, 101], [20, 200], [3, 103], [4, 104]]
+    # an id that appears across two stored ids' boundary is not a match
+    mp.exec("_pm2 = wallet._PayerMemory(2)\n_pm2.put(b'AAAABBBB', 1, 1)\n_pm2.put(b'CCCCDDDD', 2, 2)")
+    assert mp.eval("_pm2.get(b'BBBBCCCC')") is None
+    assert mp.eval("_pm2.get(memoryview(b'xCCCCDDDD')[1:])") == [2, 2]

@@ -31,13 +31,12 @@ BUSY = const(21)  # the payee is serving another payer
 RECEIPT = const(22)  # receipt missing or invalid: payment left, not confirmed
 LOCKED = const(23)  # wallet refuses to pay until its ledger is repaired or synced
 
-NAMES = ("ok", "format", "version", "nonce", "key mismatch", "wallet id", "certificate invalid",
-         "foreign issuer", "certificate expired", "revoked", "role", "insufficient funds",
-         "over payment limit", "over offline limit", "over holding limit", "currency", "amount", "counter",
-         "chain", "signature", "declined", "busy", "no receipt", "locked")
-
 
 def name(code):
+    # The names live in their own module, loaded on the first refusal or error screen: a payment that
+    # succeeds never spends heap on them.
+    from paytoken.reason_names import NAMES
+
     return NAMES[code] if 0 <= code < len(NAMES) else "reason %d" % code
 
 

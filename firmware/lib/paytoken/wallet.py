@@ -15,6 +15,7 @@
 #   VOUCHER / ACK / STATUS   the backend's signed message as received; STATUS adds role u8, amount u32
 import os
 import struct
+from array import array
 
 from paytoken import reasons, wire
 from paytoken.crypto import p256
@@ -77,9 +78,9 @@ class Wallet:
         self.acked_seq = 0
         self.known_time = 0
         self._nonces = []
-        self._payers = {}
+        # payee: payers' last counters (a payer-only card spends no heap on it)
+        self._payers = _PayerMemory(_PAYER_MEMORY) if self.cert.role & wire.ROLE_PAYEE else None
         self._open = {}  # payer: counter -> (ledger seq, amount) of payments without a final outcome
-        self._unacked = {}  # payer: counter -> (ledger seq, amount) spent since the last acknowledgement
         self._last_sent = None  # (counter, ledger seq, amount) of the newest SENT awaiting its receipt
         self._snap_counter = 0  # payer counter at the ledger's checkpoint
 
@@ -110,7 +111,6 @@ class Wallet:
             self.payments_since_sync += 1
             self.prev_hash = phash
             self._open[self.counter] = (seq, amount)
-            self._unacked[self.counter] = (seq, amount)
             self._last_sent = (self.counter, seq, amount)
             self._nonces.append(bytes(nonce))
             del self._nonces[:-_NONCE_MEMORY]
@@ -120,8 +120,8 @@ class Wallet:
             del self._open[counter]
             if body[0] != reasons.OK:  # refused by the payee: voided, the money returns
                 self.balance += amount
-                if self._unacked.pop(counter, None):
-                    self.offline_spent -= amount
+                self.offline_spent -= amount
+                self.payments_since_sync -= 1
         elif kind == K_RCVD:
             self.seq += 1
             if body[_RCVD_STATUS] == reasons.OK:
@@ -129,10 +129,8 @@ class Wallet:
                 self.balance += amount
                 # Remember where the payer's last payment is, not its hash: replay stays allocation-light,
                 # and the hash is rebuilt only when that payer pays again (last_from).
-                payers = self._payers
-                payers[bytes(body[:8])] = (counter, seq)
-                if len(payers) > _PAYER_MEMORY:
-                    payers.pop(next(iter(payers)))
+                if self._payers is not None:
+                    self._payers.put(body[:8], counter, seq)
         elif kind == K_VOUCHER:
             v = wire.decode_voucher(body)
             self.voucher_counter = v.counter
@@ -143,12 +141,9 @@ class Wallet:
             self.acked_seq = a.upto_seq
             self._saw_time(a.issued_at)
             # Spending the backend has acknowledged no longer counts against the offline limit; what
-            # came after the acknowledged record still does.
-            unacked = self._unacked
-            for c in [c for c, (s, _) in unacked.items() if s <= a.upto_seq]:
-                del unacked[c]
-            self.offline_spent = sum(amount for _, amount in unacked.values())
-            self.payments_since_sync = len(unacked)
+            # came after the acknowledged record still does. Counted again from the flash, not kept in
+            # RAM: the heap stays flat however many payments wait for their acknowledgement.
+            self.offline_spent, self.payments_since_sync = self._spent_between(a.upto_seq, seq)
         elif kind == K_STATUS:
             n = len(body)
             st = wire.decode_status(body[:n - 5])
@@ -166,6 +161,25 @@ class Wallet:
                 self.balance -= amount  # a credit the backend will never settle
         else:
             raise ValueError("unknown ledger record")
+
+    def _spent_between(self, after, before):
+        # (amount, payments) sent and not voided in ledger records after..before, both excluded.
+        spent = n = last = 0
+        records = self.ledger.records(after + 1)
+        try:
+            for seq, payload in records:
+                if seq >= before:
+                    break
+                if payload[0] == K_SENT:
+                    last = struct.unpack_from(">I", payload, 9)[0]
+                    spent += last
+                    n += 1
+                elif payload[0] == K_RESULT and payload[1] != reasons.OK:
+                    spent -= last
+                    n -= 1
+        finally:
+            records.close()  # closes its file now, not when the GC finds it
+        return spent, n
 
     def _saw_time(self, t):
         if t > self.known_time:
@@ -231,7 +245,7 @@ class Wallet:
     # ---- payee ----
     def last_from(self, payer_id):
         # (counter, payment hash or None) of the last payment we accepted from this payer, or None.
-        entry = self._payers.get(bytes(payer_id))
+        entry = self._payers and self._payers.get(payer_id)
         if entry is None:
             return None
         if entry[1] <= self.ledger.base_seq:
@@ -429,6 +443,49 @@ class Wallet:
         self._snap_counter = self.counter
         if self.known_time and (self.trust.now is None or self.trust.now < self.known_time):
             self.trust.now = self.known_time
+
+
+class _PayerMemory:
+    # The last (counter, ledger seq) of the `size` payers seen most recently, in fixed arrays: replaying
+    # thousands of payments allocates nothing, so the heap cannot fragment (a dict churned by evictions
+    # regrows its table again and again, and on a 64 KB heap one such table can fail to find room).
+    # When full, the payer first remembered longest ago is forgotten.
+
+    def __init__(self, size):
+        self._ids = bytearray(8 * size)
+        self._counters = array("I", bytes(4 * size))
+        self._seqs = array("I", bytes(4 * size))
+        self._size = size
+        self._n = 0  # slots in use
+        self._next = 0  # slot to fill next once all are in use
+
+    def _find(self, payer_id):
+        payer_id = bytes(payer_id)  # find() takes bytes, not a memoryview
+        ids = self._ids
+        end = 8 * self._n
+        i = ids.find(payer_id)
+        while 0 <= i < end:
+            if not i & 7:
+                return i >> 3
+            i = ids.find(payer_id, i + 1)
+        return -1
+
+    def get(self, payer_id):
+        i = self._find(payer_id)
+        return None if i < 0 else (self._counters[i], self._seqs[i])
+
+    def put(self, payer_id, counter, seq):
+        i = self._find(payer_id)
+        if i < 0:
+            if self._n < self._size:
+                i = self._n
+                self._n += 1
+            else:
+                i = self._next
+                self._next = (i + 1) % self._size
+            self._ids[8 * i:8 * i + 8] = payer_id
+        self._counters[i] = counter
+        self._seqs[i] = seq
 
 
 class _Clock:

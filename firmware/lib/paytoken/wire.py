@@ -16,28 +16,28 @@ except ImportError:  # CPython host tools
         return x
 
 SIG_LEN = const(64)
-ID_LEN = const(8)
+_ID_LEN = const(8)
 HASH_LEN = const(32)
-NONCE_LEN = const(8)
-TXID_LEN = const(16)
+_NONCE_LEN = const(8)
+_TXID_LEN = const(16)
 WALLET_SHORT_LEN = const(4)
 KEY_ID_LEN = const(4)
 
-T_CERT = const(0x43)  # 'C'
+_T_CERT = const(0x43)  # 'C'
 T_REVOCATION = const(0x52)  # 'R'
-T_PAYMENT = const(0x50)  # 'P'
-T_RECEIPT = const(0x41)  # 'A'
+_T_PAYMENT = const(0x50)  # 'P'
+_T_RECEIPT = const(0x41)  # 'A'
 T_VOUCHER = const(0x4C)  # 'L'
 T_ACK = const(0x4B)  # 'K'
 T_STATUS = const(0x53)  # 'S'
-VERSION = const(1)
+_VERSION = const(1)
 
 ROLE_PAYER = const(1)
 ROLE_PAYEE = const(2)
 
-QR_VERSION = const(1)
-QR_ADDR_RANDOM = const(1)
-QR_HAS_AMOUNT = const(2)
+_QR_VERSION = const(1)
+_QR_ADDR_RANDOM = const(1)
+_QR_HAS_AMOUNT = const(2)
 
 
 class WireError(ValueError):
@@ -47,7 +47,7 @@ class WireError(ValueError):
 def _check_header(data, kind, name):
     if len(data) < 2 or data[0] != kind:
         raise WireError(name + ": wrong type")
-    if data[1] != VERSION:
+    if data[1] != _VERSION:
         raise WireError(name + ": unknown version")
 
 
@@ -87,11 +87,11 @@ def cert_body(serial, device_id, role, identity_pub, x25519_pub, currency, limit
     # The bytes the issuer signs; the certificate is these bytes followed by the signature.
     if role not in (ROLE_PAYER, ROLE_PAYEE, ROLE_PAYER | ROLE_PAYEE):
         raise WireError("certificate: bad role")
-    if len(device_id) != ID_LEN or len(identity_pub) != 33 or len(issuer_key_id) != KEY_ID_LEN:
+    if len(device_id) != _ID_LEN or len(identity_pub) != 33 or len(issuer_key_id) != KEY_ID_LEN:
         raise WireError("certificate: bad field length")
     if bool(role & ROLE_PAYEE) != (x25519_pub is not None) or (x25519_pub is not None and len(x25519_pub) != 32):
         raise WireError("certificate: x25519 key goes with the payee role")
-    head = struct.pack(_CERT_HEAD, T_CERT, VERSION, serial, device_id, role, identity_pub)
+    head = struct.pack(_CERT_HEAD, _T_CERT, _VERSION, serial, device_id, role, identity_pub)
     tail = struct.pack(_CERT_TAIL, currency, limit_payment, limit_offline, max_holding, not_before, not_after,
                        issuer_key_id)
     return head + (x25519_pub or b"") + tail
@@ -99,7 +99,7 @@ def cert_body(serial, device_id, role, identity_pub, x25519_pub, currency, limit
 
 def decode_cert(data):
     data = bytes(data)
-    _check_header(data, T_CERT, "certificate")
+    _check_header(data, _T_CERT, "certificate")
     if len(data) < _CERT_HEAD_LEN:
         raise WireError("certificate: wrong length")
     _, _, serial, device_id, role, identity_pub = struct.unpack_from(_CERT_HEAD, data, 0)
@@ -130,9 +130,9 @@ RevocationList = namedtuple("RevocationList", ("list_version", "issued_at", "dev
 def revocation_body(list_version, issued_at, device_ids):
     ids = sorted(set(bytes(i) for i in device_ids))
     for i in ids:
-        if len(i) != ID_LEN:
+        if len(i) != _ID_LEN:
             raise WireError("revocation list: bad device id")
-    return struct.pack(_RL_HEAD, T_REVOCATION, VERSION, list_version, issued_at, len(ids)) + b"".join(ids)
+    return struct.pack(_RL_HEAD, T_REVOCATION, _VERSION, list_version, issued_at, len(ids)) + b"".join(ids)
 
 
 def decode_revocation(data):
@@ -141,12 +141,12 @@ def decode_revocation(data):
     if len(data) < _RL_HEAD_LEN:
         raise WireError("revocation list: wrong length")
     _, _, list_version, issued_at, count = struct.unpack_from(_RL_HEAD, data, 0)
-    _check_len(data, _RL_HEAD_LEN + count * ID_LEN + SIG_LEN, "revocation list")
+    _check_len(data, _RL_HEAD_LEN + count * _ID_LEN + SIG_LEN, "revocation list")
     ids = []
     prev = b""
     for i in range(count):
-        o = _RL_HEAD_LEN + i * ID_LEN
-        d = data[o:o + ID_LEN]
+        o = _RL_HEAD_LEN + i * _ID_LEN
+        d = data[o:o + _ID_LEN]
         if d <= prev:
             raise WireError("revocation list: ids not strictly ascending")
         ids.append(d)
@@ -171,20 +171,20 @@ Payment = namedtuple("Payment", (
 
 def txid(payer_id, counter):
     # Derived, not random: unique per payer counter, recomputable by anyone, and never stored twice.
-    return sha256(b"paytoken/txid" + bytes(payer_id) + struct.pack(">I", counter)).digest()[:TXID_LEN]
+    return sha256(b"paytoken/txid" + bytes(payer_id) + struct.pack(">I", counter)).digest()[:_TXID_LEN]
 
 
 def payment_body(txid, payer_id, payee_id, amount, currency, counter, offline_spent, prev_hash, qr_nonce,
                  handshake_hash, time):
     if (len(txid), len(payer_id), len(payee_id), len(prev_hash), len(qr_nonce), len(handshake_hash)) != \
-            (TXID_LEN, ID_LEN, ID_LEN, HASH_LEN, NONCE_LEN, HASH_LEN):
+            (_TXID_LEN, _ID_LEN, _ID_LEN, HASH_LEN, _NONCE_LEN, HASH_LEN):
         raise WireError("payment: bad field length")
-    return struct.pack(_PAY, T_PAYMENT, VERSION, txid, payer_id, payee_id, amount, currency, counter,
+    return struct.pack(_PAY, _T_PAYMENT, _VERSION, txid, payer_id, payee_id, amount, currency, counter,
                        offline_spent, prev_hash, qr_nonce, handshake_hash, time)
 
 
 def decode_payment(data):
-    return _fixed(data, T_PAYMENT, "payment", _PAY, PAYMENT_LEN, Payment)
+    return _fixed(data, _T_PAYMENT, "payment", _PAY, PAYMENT_LEN, Payment)
 
 
 # ---- receipt (the payee's countersignature over a payment) ----
@@ -201,11 +201,11 @@ Receipt = namedtuple("Receipt", ("payment_hash", "status", "payee_seq", "time", 
 def receipt_body(payment_hash, status, payee_seq, time):
     if len(payment_hash) != HASH_LEN:
         raise WireError("receipt: bad field length")
-    return struct.pack(_RCPT, T_RECEIPT, VERSION, payment_hash, status, payee_seq, time)
+    return struct.pack(_RCPT, _T_RECEIPT, _VERSION, payment_hash, status, payee_seq, time)
 
 
 def decode_receipt(data):
-    return _fixed(data, T_RECEIPT, "receipt", _RCPT, RECEIPT_LEN, Receipt)
+    return _fixed(data, _T_RECEIPT, "receipt", _RCPT, RECEIPT_LEN, Receipt)
 
 
 def signed_part(raw):
@@ -218,8 +218,8 @@ def signature(raw):
 
 
 # ---- QR payload (what the payee shows; base45 text in a QR code) ----
-# byte 0: version << 4 | flags (QR_ADDR_RANDOM, QR_HAS_AMOUNT); wallet_short 4 (first bytes of the payee's
-# device id); ble_addr 6; x25519_pub 32; nonce 8; [amount u32, currency u16 if QR_HAS_AMOUNT]
+# byte 0: version << 4 | flags (_QR_ADDR_RANDOM, _QR_HAS_AMOUNT); wallet_short 4 (first bytes of the payee's
+# device id); ble_addr 6; x25519_pub 32; nonce 8; [amount u32, currency u16 if _QR_HAS_AMOUNT]
 # 51 bytes = 77 base45 characters without an amount: exactly a version-3 QR at level L.
 _QR = ">B4s6s32s8s"
 QR_LEN = struct.calcsize(_QR)
@@ -230,31 +230,31 @@ QrPayload = namedtuple("QrPayload", ("wallet_short", "ble_addr", "addr_random", 
 
 
 def qr_payload(wallet_short, ble_addr, addr_random, x25519_pub, nonce, amount=None, currency=None):
-    if (len(wallet_short), len(ble_addr), len(x25519_pub), len(nonce)) != (WALLET_SHORT_LEN, 6, 32, NONCE_LEN):
+    if (len(wallet_short), len(ble_addr), len(x25519_pub), len(nonce)) != (WALLET_SHORT_LEN, 6, 32, _NONCE_LEN):
         raise WireError("qr: bad field length")
-    flags = QR_ADDR_RANDOM if addr_random else 0
+    flags = _QR_ADDR_RANDOM if addr_random else 0
     tail = b""
     if amount is not None:
-        flags |= QR_HAS_AMOUNT
+        flags |= _QR_HAS_AMOUNT
         tail = struct.pack(">IH", amount, currency)
-    return struct.pack(_QR, QR_VERSION << 4 | flags, wallet_short, ble_addr, x25519_pub, nonce) + tail
+    return struct.pack(_QR, _QR_VERSION << 4 | flags, wallet_short, ble_addr, x25519_pub, nonce) + tail
 
 
 def decode_qr(data):
     data = bytes(data)
     if not data:
         raise WireError("qr: empty")
-    if data[0] >> 4 != QR_VERSION:
+    if data[0] >> 4 != _QR_VERSION:
         raise WireError("qr: unknown version")
     flags = data[0] & 15
-    if flags & ~(QR_ADDR_RANDOM | QR_HAS_AMOUNT):
+    if flags & ~(_QR_ADDR_RANDOM | _QR_HAS_AMOUNT):
         raise WireError("qr: unknown flags")
-    _check_len(data, QR_AMOUNT_LEN if flags & QR_HAS_AMOUNT else QR_LEN, "qr")
+    _check_len(data, QR_AMOUNT_LEN if flags & _QR_HAS_AMOUNT else QR_LEN, "qr")
     _, wallet_short, addr, xpub, nonce = struct.unpack_from(_QR, data, 0)
     amount = currency = None
-    if flags & QR_HAS_AMOUNT:
+    if flags & _QR_HAS_AMOUNT:
         amount, currency = struct.unpack_from(">IH", data, QR_LEN)
-    return QrPayload(wallet_short, addr, bool(flags & QR_ADDR_RANDOM), xpub, nonce, amount, currency, data)
+    return QrPayload(wallet_short, addr, bool(flags & _QR_ADDR_RANDOM), xpub, nonce, amount, currency, data)
 
 
 # ---- session messages (plaintext inside the Noise session; the prologue binds the protocol version) ----
@@ -263,11 +263,11 @@ def decode_qr(data):
 #      requested amount u32 (0: the payer enters it), currency u16, cert_len u16, payee certificate
 # msg3 payer -> payee, transport: PAYMENT_MSG, payment  |  ABORT, reason u8
 # msg4 payee -> payer, transport: RECEIPT_MSG, receipt
-M_PAYER_HELLO = const(0x11)
-M_PAYEE_HELLO = const(0x12)
-M_PAYMENT = const(0x13)
-M_RECEIPT = const(0x14)
-M_ABORT = const(0x15)
+_M_PAYER_HELLO = const(0x11)
+_M_PAYEE_HELLO = const(0x12)
+_M_PAYMENT = const(0x13)
+_M_RECEIPT = const(0x14)
+_M_ABORT = const(0x15)
 
 PayeeHello = namedtuple("PayeeHello", ("status", "amount", "currency", "cert"))
 
@@ -278,12 +278,12 @@ def _expect(data, kind, min_len):
 
 
 def payer_hello(cert):
-    return struct.pack(">BH", M_PAYER_HELLO, len(cert)) + cert
+    return struct.pack(">BH", _M_PAYER_HELLO, len(cert)) + cert
 
 
 def decode_payer_hello(data):
     data = bytes(data)
-    _expect(data, M_PAYER_HELLO, 3)
+    _expect(data, _M_PAYER_HELLO, 3)
     n = struct.unpack_from(">H", data, 1)[0]
     _check_len(data, 3 + n, "payer hello")
     return data[3:]
@@ -291,13 +291,13 @@ def decode_payer_hello(data):
 
 def payee_hello(status, amount=0, currency=0, cert=b""):
     if status:
-        return bytes((M_PAYEE_HELLO, status))
-    return struct.pack(">BBIHH", M_PAYEE_HELLO, status, amount, currency, len(cert)) + cert
+        return bytes((_M_PAYEE_HELLO, status))
+    return struct.pack(">BBIHH", _M_PAYEE_HELLO, status, amount, currency, len(cert)) + cert
 
 
 def decode_payee_hello(data):
     data = bytes(data)
-    _expect(data, M_PAYEE_HELLO, 2)
+    _expect(data, _M_PAYEE_HELLO, 2)
     status = data[1]
     if status:
         _check_len(data, 2, "payee hello")
@@ -310,30 +310,30 @@ def decode_payee_hello(data):
 
 
 def payment_msg(payment):
-    return bytes((M_PAYMENT,)) + payment
+    return bytes((_M_PAYMENT,)) + payment
 
 
 def abort_msg(reason):
-    return bytes((M_ABORT, reason))
+    return bytes((_M_ABORT, reason))
 
 
 def receipt_msg(receipt):
-    return bytes((M_RECEIPT,)) + receipt
+    return bytes((_M_RECEIPT,)) + receipt
 
 
 def decode_payer_final(data):
     # msg3: ("payment", payment bytes) or ("abort", reason)
     data = bytes(data)
-    if len(data) == 2 and data[0] == M_ABORT:
+    if len(data) == 2 and data[0] == _M_ABORT:
         return "abort", data[1]
-    _expect(data, M_PAYMENT, 1 + PAYMENT_LEN)
+    _expect(data, _M_PAYMENT, 1 + PAYMENT_LEN)
     _check_len(data, 1 + PAYMENT_LEN, "payment message")
     return "payment", data[1:]
 
 
 def decode_receipt_msg(data):
     data = bytes(data)
-    _expect(data, M_RECEIPT, 1 + RECEIPT_LEN)
+    _expect(data, _M_RECEIPT, 1 + RECEIPT_LEN)
     _check_len(data, 1 + RECEIPT_LEN, "receipt message")
     return data[1:]
 
@@ -347,7 +347,7 @@ Voucher = namedtuple("Voucher", ("device_id", "counter", "amount", "currency", "
 
 
 def voucher_body(device_id, counter, amount, currency, issued_at):
-    return struct.pack(_VOUCHER, T_VOUCHER, VERSION, device_id, counter, amount, currency, issued_at)
+    return struct.pack(_VOUCHER, T_VOUCHER, _VERSION, device_id, counter, amount, currency, issued_at)
 
 
 def decode_voucher(data):
@@ -363,7 +363,7 @@ Ack = namedtuple("Ack", ("device_id", "upto_seq", "chain_hash", "issued_at", "ra
 
 
 def ack_body(device_id, upto_seq, chain_hash, issued_at):
-    return struct.pack(_ACK, T_ACK, VERSION, device_id, upto_seq, chain_hash, issued_at)
+    return struct.pack(_ACK, T_ACK, _VERSION, device_id, upto_seq, chain_hash, issued_at)
 
 
 def decode_ack(data):
@@ -383,7 +383,7 @@ Status = namedtuple("Status", ("device_id", "txid", "status", "issued_at", "raw"
 def status_body(device_id, txid, status, issued_at):
     if status not in (ST_SETTLED, ST_REJECTED, ST_REFUNDED):
         raise WireError("status: unknown value")
-    return struct.pack(_STATUS, T_STATUS, VERSION, device_id, txid, status, issued_at)
+    return struct.pack(_STATUS, T_STATUS, _VERSION, device_id, txid, status, issued_at)
 
 
 def decode_status(data):
