@@ -228,6 +228,12 @@ def run_payment(payer_heap: str, payee_heap: str, romfs: tuple[str, ...] = ()) -
 
 def _run_payment(payer_heap: str, payee_heap: str, tmp: str, romfs: tuple[str, ...]) -> dict | None:
     payer_lines, payee_lines, _ = payment_setup(tmp)
+    # The payer's top-up came in through an earlier sync: its ledger holds the voucher when it pays.
+    topup = side_process("payer", "2M", "topup")
+    out, err = topup.communicate("\n".join(payer_lines) + "\n", timeout=60)
+    if topup.returncode != 0 or not out.startswith("topped up"):
+        raise RuntimeError(f"top-up failed: {out} {err}")
+    payer_lines[-3] = ""  # no voucher to apply in the payment itself
     a = side_process("payer", payer_heap, romfs="payer" in romfs)
     b = side_process("payee", payee_heap, romfs="payee" in romfs)
     sizes = {"to_payee": 0, "to_payer": 0, "round_trips": 0}

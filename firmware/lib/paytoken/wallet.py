@@ -13,7 +13,6 @@
 #   RESULT  status u8, payee_seq u32, time u32, payee signature 64: the receipt of the last SENT
 #   RCVD    the payer's payment without type, version, txid and payee id; receipt status u8, time u32
 #   VOUCHER / ACK / STATUS   the backend's signed message as received; STATUS adds role u8, amount u32
-import os
 import struct
 from array import array
 
@@ -21,7 +20,7 @@ from paytoken import reasons, wire
 from paytoken.crypto import p256
 from paytoken.ledger import Ledger
 from paytoken.reasons import Refused
-from paytoken.trust import payment_hash, signed_by
+from paytoken.trust import payment_hash
 
 K_SENT = 1
 K_RESULT = 2
@@ -40,8 +39,6 @@ DONE = "done"  # countersigned by the payee
 VOIDED = "voided"  # refused by the payee with a signed receipt: the money came back
 RECEIVED = "received"  # payee: credited, receipt sent
 REFUSED = "refused"  # payee: refused, signed refusal sent
-_FINAL = {ST: name for ST, name in ((wire.ST_SETTLED, "settled"), (wire.ST_REJECTED, "rejected"),
-                                    (wire.ST_REFUNDED, "refunded"))}
 
 _SENT = ">8sI8s32sI32s"
 _RESULT = ">BII64s"
@@ -270,44 +267,24 @@ class Wallet:
             _RCVD, p.payer_id, p.amount, p.currency, p.counter, p.offline_spent, p.prev_hash, p.qr_nonce,
             p.handshake_hash, p.time, wire.signature(payment_raw), rc.status, rc.time))
 
-    # ---- backend updates (signed by the backend key; a relay can only deliver or withhold them) ----
+    # ---- sync: backend updates, history, compaction (paytoken.wallet_sync, loaded when first needed) ----
     def apply_update(self, raw):
         # Applies one backend-signed message; True if it changed the wallet, False if already applied.
-        # Refused for anything unsigned, for another device, or out of order.
-        raw = bytes(raw)
-        if not raw:
-            raise Refused(reasons.FORMAT)
-        kind = raw[0]
-        try:
-            if kind == wire.T_REVOCATION:
-                return self._revocation(raw)
-            decode = {wire.T_VOUCHER: wire.decode_voucher, wire.T_ACK: wire.decode_ack,
-                      wire.T_STATUS: wire.decode_status}.get(kind)
-            if decode is None:
-                raise Refused(reasons.FORMAT, "unknown update")
-            msg = decode(raw)
-        except ValueError as e:
-            raise Refused(reasons.FORMAT, str(e))
-        if self.trust.backend_pub is None or not signed_by(self.trust.backend_pub, raw):
-            raise Refused(reasons.SIGNATURE, "update not signed by the backend")
-        if msg.device_id != self.device_id:
-            raise Refused(reasons.WALLET_ID, "update for another device")
-        if kind == wire.T_VOUCHER:
-            return self._voucher(msg)
-        if kind == wire.T_ACK:
-            return self._ack(msg)
-        return self._status(msg)
+        from paytoken import wallet_sync
 
-    def _revocation(self, raw):
-        # Newer lists only (Trust checks signature and version); kept in a file of its own, replaced
-        # atomically, because it is not money: it never goes into the ledger or its checkpoints.
-        if not self.trust.apply_revocation(raw):
-            return False
-        tmp = self._revocation_path + ".new"
-        with open(tmp, "wb") as f:
-            f.write(raw)
-        os.rename(tmp, self._revocation_path)
-        return True
+        return wallet_sync.apply_update(self, raw)
+
+    def history(self):
+        # [role, txid, amount, state] for every payment still in the ledger, oldest first.
+        from paytoken import wallet_sync
+
+        return wallet_sync.history(self)
+
+    def compact(self):
+        # Drops records the backend acknowledged; True if it did.
+        from paytoken import wallet_sync
+
+        return wallet_sync.compact(self)
 
     def _load_revocation(self):
         try:
@@ -319,121 +296,6 @@ class Wallet:
             self.trust.apply_revocation(raw)
         except Refused:
             pass  # a damaged file: the next sync brings the list again
-
-    def _voucher(self, v):
-        if v.counter <= self.voucher_counter:
-            return False  # applied before: exactly once
-        if v.counter != self.voucher_counter + 1:
-            raise Refused(reasons.COUNTER, "voucher out of order")
-        if v.currency != self.cert.currency:
-            raise Refused(reasons.CURRENCY)
-        if self.balance + v.amount > self.cert.max_holding:
-            raise Refused(reasons.LIMIT_HOLDING)
-        self._append(bytes((K_VOUCHER,)) + v.raw)
-        return True
-
-    def _ack(self, a):
-        if a.upto_seq <= self.acked_seq:
-            return False
-        if a.upto_seq > self.ledger.seq:
-            raise Refused(reasons.COUNTER, "acknowledges records this device never wrote")
-        if self.ledger.hash_at(a.upto_seq) != a.chain_hash:
-            raise Refused(reasons.CHAIN, "acknowledgement does not match the ledger")
-        self._append(bytes((K_ACK,)) + a.raw)
-        return True
-
-    def _status(self, st):
-        counter = self._counter_of(st.txid)
-        if counter is not None:
-            amount = self._open[counter][1]
-            self._append(bytes((K_STATUS,)) + st.raw + struct.pack(">BI", wire.ROLE_PAYER, amount))
-            return True
-        found = self._find_payment(st.txid)
-        if found is None:
-            return False  # unknown, or already final here
-        role, amount, applied = found
-        if applied:
-            return False
-        if role == wire.ROLE_PAYER and st.status == wire.ST_REFUNDED:
-            return False  # a completed payment is never refunded
-        self._append(bytes((K_STATUS,)) + st.raw + struct.pack(">BI", role, amount))
-        return True
-
-    def _events(self):
-        # (kind, txid, amount, status) for each payment record still in the ledger, oldest first: SENT and
-        # RCVD carry txid and amount, RESULT the receipt status of the last SENT, STATUS the backend's.
-        counter = self._snap_counter
-        for _, payload in self.ledger.records(self.ledger.base_seq + 1):
-            kind = payload[0]
-            if kind == K_SENT:
-                counter += 1
-                yield kind, wire.txid(self.device_id, counter), struct.unpack_from(">I", payload, 9)[0], None
-            elif kind == K_RESULT:
-                yield kind, None, None, payload[1]
-            elif kind == K_RCVD:
-                amount, _, counter_in = struct.unpack_from(">IHI", payload, 9)
-                yield kind, wire.txid(bytes(payload[1:9]), counter_in), amount, payload[1 + _RCVD_STATUS]
-            elif kind == K_STATUS:
-                st = wire.decode_status(payload[1:len(payload) - 5])
-                yield kind, st.txid, None, st.status
-
-    def _find_payment(self, txid):
-        # (role, amount, a status already applied) of one of our payments still in the ledger, or None.
-        found = None
-        for kind, t, amount, status in self._events():
-            if t != txid:
-                continue
-            if kind == K_SENT:
-                found = [wire.ROLE_PAYER, amount, False]
-            elif kind == K_RCVD:
-                found = [wire.ROLE_PAYEE, amount if status == reasons.OK else 0, False]
-            elif found is not None:
-                found[2] = True
-        return found
-
-    # ---- history, for the screens and the sync client ----
-    def history(self):
-        # [role, txid, amount, state] for every payment still in the ledger, oldest first.
-        out = []
-        last = None
-        for kind, txid, amount, status in self._events():
-            if kind == K_SENT:
-                last = [wire.ROLE_PAYER, txid, amount, SENT]
-                out.append(last)
-            elif kind == K_RESULT:
-                last[3] = DONE if status == reasons.OK else VOIDED
-            elif kind == K_RCVD:
-                out.append([wire.ROLE_PAYEE, txid, amount, RECEIVED if status == reasons.OK else REFUSED])
-            else:
-                for entry in out:
-                    if entry[1] == txid:
-                        entry[3] = _FINAL[status]
-        return out
-
-    # ---- compaction ----
-    def compact(self):
-        # Drops records the backend acknowledged, up to the first payment still without an outcome,
-        # keeping the acknowledgement and the state at that point as the ledger's checkpoint.
-        upto = self.acked_seq
-        for seq, _ in self._open.values():
-            if seq <= upto:
-                upto = seq - 1
-        if upto <= self.ledger.base_seq:
-            return False
-        snapshot = self._state_at(upto)
-        self.ledger.compact(upto, snapshot)
-        return True
-
-    def _state_at(self, upto):
-        # The wallet's state after ledger record `upto`, serialised for the checkpoint.
-        r = _Replica(self)
-        for seq, payload in self.ledger.records(self.ledger.base_seq + 1):
-            if seq > upto:
-                break
-            r._apply(seq, payload)
-        snap = struct.pack(_SNAP, r.balance, r.counter, r.prev_hash, r.offline_spent, r.seq, r.voucher_counter,
-                           r.acked_seq, r.known_time, len(r._nonces))
-        return snap + b"".join(r._nonces)
 
     def _load_snapshot(self, snap):
         (self.balance, self.counter, self.prev_hash, self.offline_spent, self.seq, self.voucher_counter,
@@ -486,19 +348,3 @@ class _PayerMemory:
             self._ids[8 * i:8 * i + 8] = payer_id
         self._counters[i] = counter
         self._seqs[i] = seq
-
-
-class _Clock:
-    now = None
-
-
-class _Replica(Wallet):
-    # The same replay rules on a separate state: used to compute a past state without touching the live one.
-    def __init__(self, wallet):
-        self.device_id = wallet.device_id
-        self.cert = wallet.cert
-        self.trust = _Clock()
-        self.ledger = wallet.ledger
-        self._reset()
-        if wallet.ledger.checkpoint:
-            self._load_snapshot(wallet.ledger.checkpoint)
