@@ -30,11 +30,17 @@ DECLINED = const(20)  # a person declined on the device
 BUSY = const(21)  # the payee is serving another payer
 RECEIPT = const(22)  # receipt missing or invalid: payment left, not confirmed
 LOCKED = const(23)  # wallet refuses to pay until its ledger is repaired or synced
+# Device-local: what the apps show and log when the link, not the other side, ended a session. Never sent in a
+# message or stored in a record (the link is gone, there is no one to tell).
+UNREACHABLE = const(24)  # no payee answered at the QR's address
+LINK = const(25)  # the connection failed or dropped mid-session
+TIMEOUT = const(26)  # no answer, or no decision on the device, in time
 
 NAMES = ("ok", "format", "version", "nonce", "key mismatch", "wallet id", "certificate invalid",
          "foreign issuer", "certificate expired", "revoked", "role", "insufficient funds",
          "over payment limit", "over offline limit", "over holding limit", "currency", "amount", "counter",
-         "chain", "signature", "declined", "busy", "no receipt", "locked")
+         "chain", "signature", "declined", "busy", "no receipt", "locked", "payee not found",
+         "connection lost", "timeout")
 
 
 def name(code):

@@ -378,8 +378,9 @@ class Wallet:
         return found
 
     # ---- history, for the screens and the sync client ----
-    def history(self):
-        # [role, txid, amount, state] for every payment still in the ledger, oldest first.
+    def history(self, limit=None):
+        # [role, txid, amount, state] for every payment still in the ledger, oldest first; with limit only the
+        # newest `limit` of them (the walk is the same, the list stays that short).
         out = []
         last = None
         for kind, txid, amount, status in self._events():
@@ -394,6 +395,8 @@ class Wallet:
                 for entry in out:
                     if entry[1] == txid:
                         entry[3] = _FINAL[status]
+            if limit is not None and len(out) > limit:
+                out.pop(0)
         return out
 
     # ---- compaction ----
