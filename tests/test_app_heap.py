@@ -6,7 +6,6 @@ role must complete a payment within its heap budget (docs/simulator.md, "Heap bu
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
