@@ -400,6 +400,25 @@ def test_payer_from_another_issuer_is_refused_by_the_payee(apps):
 # ---- the person and the wallet say no ----
 
 
+def test_payee_refuses_a_signed_payment_and_the_money_comes_back(apps):
+    # The payee's holding limit is 15,000: the second $100.00 would exceed it. The payer has signed and stored
+    # the payment; the payee stores and signs a refusal instead of a credit; the payer's wallet voids it.
+    apps.payee(keys=apps.auth.device(PAYEE, protocol.Limits(max_holding=15_000)))
+    apps.payer()
+    apps.pay()
+    apps.offer()
+    apps.press("payer", "confirm")
+    ev = apps.wait("payer", "failed")
+    assert (ev["reason"], ev["step"], ev["balance"]) == (reasons.LIMIT_HOLDING, "receipt", 90_000)
+    ev = apps.wait("payee", "failed")
+    assert (ev["reason"], ev["step"], ev["refusal"]) == (reasons.LIMIT_HOLDING, "receipt", "sent")
+    payer, payee = apps.state("payer"), apps.state("payee")
+    assert payer["history"] == [[PAYER, 10_000, "done"], [PAYER, 10_000, "voided"]] and payer["counter"] == 2
+    assert payee["history"] == [[PAYEE, 10_000, "received"], [PAYEE, 10_000, "refused"]]
+    assert payer["screen"] == ["payer_declined", reasons.LIMIT_HOLDING]
+    assert (payer["balance"], payee["balance"]) == (90_000, 10_000)
+
+
 def test_too_little_balance_is_refused_before_signing(apps):
     apps.payee(amount=10_000)
     apps.payer(balance=5_000)

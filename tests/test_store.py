@@ -124,7 +124,8 @@ def test_a_damaged_file_is_named(mp, auth, tmp_path):
 
 
 @pytest.mark.parametrize("config", [{"name": "has space"}, {"name": ""}, {"name": "x" * 17}, {"app": "phone"},
-                                    {"amount": 0}, {"amount": -5}, {"amount": "10"}, [1, 2]])
+                                    {"amount": 0}, {"amount": -5}, {"amount": "10"}, {"amount": True},
+                                    {"qr_amount": 1}, [1, 2]])
 def test_bad_config_is_refused(mp, auth, tmp_path, config):
     provision(mp, tmp_path, auth, auth.device(PAYEE))
     (tmp_path / "store" / "config.json").write_text(json.dumps(config))

@@ -6,7 +6,7 @@
 #   cert.bin      138/170    the device certificate (wire format); the role comes from it
 #   issuer.pub    65 bytes   the issuer's P-256 public key, uncompressed SEC1: checks every certificate
 #   backend.pub   65 bytes   the backend's P-256 public key: checks vouchers, acknowledgements, statuses
-#   config.json   optional   {"name": "till 1", "app": "card" | "terminal", "amount": 10000}
+#   config.json   optional   {"name": "till-1", "app": "card" | "terminal", "amount": 10000, "qr_amount": false}
 #
 #   load(root) -> Device      every file read and cross-checked; StoreError if anything is missing or wrong
 #   provision(root, ...)      the same checks on the new contents first, then every file written atomically
@@ -111,8 +111,10 @@ def _config(raw):
     if cfg.get("app", "card") not in APPS:
         raise StoreError(CORRUPT, "config.json", "app: card or terminal")
     amount = cfg.get("amount")
-    if amount is not None and not (isinstance(amount, int) and 0 < amount < 1 << 32):
+    if amount is not None and not (isinstance(amount, int) and not isinstance(amount, bool) and 0 < amount < 1 << 32):
         raise StoreError(CORRUPT, "config.json", "amount: minor units, 1 to 2^32-1")
+    if not isinstance(cfg.get("qr_amount", False), bool):
+        raise StoreError(CORRUPT, "config.json", "qr_amount: true or false")
     return cfg
 
 

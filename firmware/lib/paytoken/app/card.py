@@ -21,7 +21,7 @@
 import asyncio
 from time import ticks_diff, ticks_ms
 
-from paytoken import reasons
+from paytoken import reasons, wire
 from paytoken.app.entry import AmountEntry
 from paytoken.app.io import POLL_MS, hexs, link_reason, why
 from paytoken.link import LinkError
@@ -172,10 +172,15 @@ class Card:
             self._unconfirmed(amount, offer.currency, counter, link_reason(e), step)
             return
         except Refused as r:
-            if r.code == reasons.RECEIPT:  # an answer that is no valid receipt: as good as none
-                self._unconfirmed(amount, offer.currency, counter, r.code, step)
-            else:  # refused by the payee with a signed receipt: voided, the money is back
+            status = wire.decode_receipt(s.receipt).status if s.receipt else reasons.OK
+            if status != reasons.OK and r.code == status:  # refused by the payee, signed: voided, money back
                 self._failed(r.code, step)
+            else:  # no valid receipt (reasons.RECEIPT), or the wallet could not store it: as good as none
+                self._unconfirmed(amount, offer.currency, counter, r.code, step)
+            return
+        except Exception as e:  # the flash failed storing the receipt, say: the payment stands, unconfirmed
+            self.log("error", "kind=%s step=%s" % (type(e).__name__, step))
+            self._unconfirmed(amount, offer.currency, counter, reasons.RECEIPT, step)
             return
         self.log("paid", "amount=%d currency=%d payee=%s counter=%d balance=%d" % (
             amount, offer.currency, hexs(offer.payee_id), counter, w.balance))
