@@ -552,6 +552,28 @@ def test_card_gives_up_before_the_terminal():
     assert decide > amount + confirm and answer >= hello
 
 
+def test_an_unexpected_failure_is_shown_and_the_apps_go_on(apps):
+    # A fault inside the terminal (here: its radio's address() raising once) is logged and shown; the loop goes on.
+    apps.payee()
+    apps.payer()
+    apps.wait("payee", "qr")
+    apps.mp.exec(
+        "_t = rig.apps['payee'].transport\n"
+        "_orig = _t.address\n"
+        "def _broken():\n"
+        "    _t.address = _orig\n"
+        "    raise OSError(5)\n"
+        "_t.address = _broken\n"
+        "rig.apps['payee'].transport.stop()\n"
+    )
+    apps.set("terminal", QR_MS=50)
+    assert apps.wait("payee", "error")["kind"] == "OSError"
+    assert apps.screen("payee", "payee_error") == ["payee_error", reasons.ERROR]
+    apps.set("terminal", QR_MS=5000)
+    paid, credited = apps.pay()  # and the next sale works
+    assert (paid["balance"], credited["balance"]) == (90_000, 10_000)
+
+
 def test_limits_are_rechecked_by_the_wallet(apps):
     # Over the payer's cumulative offline limit (200,000 by default): refused before signing, reason 13.
     limits = protocol.Limits(per_payment=50_000, offline=15_000)

@@ -35,12 +35,13 @@ LOCKED = const(23)  # wallet refuses to pay until its ledger is repaired or sync
 UNREACHABLE = const(24)  # no payee answered at the QR's address
 LINK = const(25)  # the connection failed or dropped mid-session
 TIMEOUT = const(26)  # no answer, or no decision on the device, in time
+ERROR = const(27)  # the device failed (an unexpected exception, a flash error): logged, the app goes on
 
 NAMES = ("ok", "format", "version", "nonce", "key mismatch", "wallet id", "certificate invalid",
          "foreign issuer", "certificate expired", "revoked", "role", "insufficient funds",
          "over payment limit", "over offline limit", "over holding limit", "currency", "amount", "counter",
          "chain", "signature", "declined", "busy", "no receipt", "locked", "payee not found",
-         "connection lost", "timeout")
+         "connection lost", "timeout", "device error")
 
 
 def name(code):

@@ -59,7 +59,7 @@ class Card:
                 await self.pay(text)
             except Exception as e:  # nothing escapes the loop: log, show, carry on
                 self.log("error", "kind=%s" % type(e).__name__)
-                self.screen.show("payer_declined", reasons.FORMAT)
+                self.screen.show("payer_declined", reasons.ERROR)
             self.keys.clear()
             await self.keys.next(RESULT_MS)
 

@@ -59,7 +59,7 @@ class Terminal:
             except Exception as e:  # nothing escapes the loop: log, show, carry on
                 self._stop()
                 self.log("error", "kind=%s" % type(e).__name__)
-                self.screen.show("payee_error", reasons.FORMAT)
+                self.screen.show("payee_error", reasons.ERROR)
                 await asyncio.sleep_ms(PAUSE_MS)
 
     def _stop(self):
