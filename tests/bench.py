@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from paytoken_host import fwbuild
 from tests.harness.mp import FIRMWARE_BUILD, command, run_script
@@ -372,11 +373,44 @@ def run_ledger(rows: list[dict]) -> None:
         rows.append({"measure": name, "payer": a, "payee": b, "target": target})
 
 
+def run_apps(rows: list[dict]) -> None:
+    """Each role as a device: self-test, store, wallet, display, app and radio (tests/harness/pair.py), one payment.
+    With MICROPYTHON pointing at a unix port that has the firmware frozen in, these are the device numbers."""
+    from tests.harness.pair import Images, min_heap_kb, run_pair
+
+    print("\n== Apps (payer card, payee terminal: each its own MicroPython process, as main.py starts it)")
+    print(f"{'measure':52} {'payer':>9} {'payee':>9} {'target':>9}")
+    print("-" * 82)
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Images(Path(tmp) / "images")
+        first = run_pair(images, Path(tmp) / "run")
+        if not first["ok"]:
+            print("payment failed")
+            return
+        res = {}
+        for role in ("payer", "payee"):
+            code = min_heap_kb(images, Path(tmp) / "run", role, modules=first["modules"][role])
+            whole = min_heap_kb(images, Path(tmp) / "run", role)
+            res[role] = {"code": code, "whole": whole, "work": whole and code and whole - code,
+                         "kept": first[role] // 1024}
+    table = [
+        ("heap: self-test and the role's code (KB)", "code", None),
+        ("heap: a whole payment, code included (KB)", "whole", "<= 96"),
+        ("heap: working set beyond code (KB)", "work", None),
+        ("heap: still allocated after the payment (KB)", "kept", None),
+    ]
+    for name, key, target in table:
+        a, b = res["payer"][key], res["payee"][key]
+        print(f"{name:52} {a!s:>9} {b!s:>9} {target or '':>9}", flush=True)
+        rows.append({"measure": name, "payer": a, "payee": b, "target": target})
+
+
 def main() -> int:
     fwbuild.build(FIRMWARE_BUILD)
     rows: list[dict] = []
     run_crypto(rows)
     run_protocol(rows)
+    run_apps(rows)
     run_ledger(rows)
     run_ops("\n== QR code and screens (MicroPython unix port)", ui_ops(), rows)
     out = fwbuild.ROOT / "build" / "bench.json"

@@ -34,8 +34,19 @@ def stub_file(module: str) -> Path | None:
     return None
 
 
+def _absolute(module: str, path: Path, node: ast.ImportFrom) -> str | None:
+    """The module a stub's `from X import` names: relative ones (`from .locks import *` in a package's
+    __init__.pyi, as the asyncio stubs are written) resolved against the stub's own package."""
+    if not node.level:
+        return node.module
+    package = module.split(".") if path.name == "__init__.pyi" else module.split(".")[:-1]
+    if node.level > 1:
+        package = package[: 1 - node.level]
+    return ".".join(package + ([node.module] if node.module else []))
+
+
 def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
-    """Module-level statements, those under `if sys.version_info ...` included (either branch)."""
+    """Module-level statements, those under `if sys.version_info ...` / `if sys.platform ...` included."""
     out: list[ast.stmt] = []
     for node in body:
         if isinstance(node, ast.If):
@@ -59,10 +70,9 @@ def stub_names(module: str) -> frozenset[str]:
             names.add(node.target.id)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
-                if alias.name == "*" and isinstance(node, ast.ImportFrom) and node.module:
-                    # a package stub re-exports its submodules: `from .locks import *` in asyncio
-                    source = f"{module}.{node.module}" if node.level else node.module
-                    if stub_file(source):
+                if alias.name == "*" and isinstance(node, ast.ImportFrom):
+                    source = _absolute(module, path, node)
+                    if source and source != module and stub_file(source):
                         names |= stub_names(source)
                 else:
                     names.add(alias.asname or alias.name.split(".")[0])
@@ -116,9 +126,6 @@ def test_checker_catches_unix_only_api(tmp_path: Path):
     assert stub_file("ffi") is None  # unix-only: would be reported
     assert "sha512" not in stub_names("hashlib")  # the ESP32 build has no SHA-512
     assert "sha256" in stub_names("hashlib") and "aes" in stub_names("cryptolib")
-
-
-def test_checker_follows_package_re_exports():
-    # asyncio's stub re-exports its submodules (`from .locks import *`), some under version checks
-    assert {"Event", "TimeoutError", "wait_for_ms", "create_task"} <= stub_names("asyncio")
-    assert "ThreadSafeFlag" in stub_names("asyncio")
+    # asyncio's stub is a package of `from .x import *`: followed, so its names are known, and only those
+    assert {"run", "Event", "TimeoutError", "sleep_ms", "wait_for_ms"} <= stub_names("asyncio")
+    assert "no_such_thing" not in stub_names("asyncio")

@@ -2,4 +2,5 @@
 NAMES = ("ok", "format", "version", "nonce", "key mismatch", "wallet id", "certificate invalid",
          "foreign issuer", "certificate expired", "revoked", "role", "insufficient funds",
          "over payment limit", "over offline limit", "over holding limit", "currency", "amount", "counter",
-         "chain", "signature", "declined", "busy", "no receipt", "locked")
+         "chain", "signature", "declined", "busy", "no receipt", "locked", "payee not found",
+         "connection lost", "timeout", "device error")

@@ -274,11 +274,12 @@ class Wallet:
 
         return wallet_sync.apply_update(self, raw)
 
-    def history(self):
-        # [role, txid, amount, state] for every payment still in the ledger, oldest first.
+    def history(self, limit=None):
+        # [role, txid, amount, state] for every payment still in the ledger, oldest first; with limit only the
+        # newest `limit` of them.
         from paytoken import wallet_sync
 
-        return wallet_sync.history(self)
+        return wallet_sync.history(self, limit)
 
     def compact(self):
         # Drops records the backend acknowledged; True if it did.

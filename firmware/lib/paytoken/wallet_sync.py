@@ -144,8 +144,9 @@ def _find_payment(w, txid):
     return found
 
 
-def history(w):
-    # [role, txid, amount, state] for every payment still in the ledger, oldest first.
+def history(w, limit=None):
+    # [role, txid, amount, state] for every payment still in the ledger, oldest first; with limit only the
+    # newest `limit` of them (the walk is the same, the list stays that short).
     out = []
     last = None
     for kind, txid, amount, status in _events(w):
@@ -160,6 +161,8 @@ def history(w):
             for entry in out:
                 if entry[1] == txid:
                     entry[3] = _FINAL[status]
+        if limit is not None and len(out) > limit:
+            out.pop(0)
     return out
 
 

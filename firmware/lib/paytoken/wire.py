@@ -16,21 +16,21 @@ except ImportError:  # CPython host tools
         return x
 
 SIG_LEN = const(64)
-_ID_LEN = const(8)
+ID_LEN = const(8)
 HASH_LEN = const(32)
-_NONCE_LEN = const(8)
-_TXID_LEN = const(16)
+NONCE_LEN = const(8)
+TXID_LEN = const(16)
 WALLET_SHORT_LEN = const(4)
 KEY_ID_LEN = const(4)
 
-_T_CERT = const(0x43)  # 'C'
+T_CERT = const(0x43)  # 'C'
 T_REVOCATION = const(0x52)  # 'R'
-_T_PAYMENT = const(0x50)  # 'P'
-_T_RECEIPT = const(0x41)  # 'A'
+T_PAYMENT = const(0x50)  # 'P'
+T_RECEIPT = const(0x41)  # 'A'
 T_VOUCHER = const(0x4C)  # 'L'
 T_ACK = const(0x4B)  # 'K'
 T_STATUS = const(0x53)  # 'S'
-_VERSION = const(1)
+VERSION = const(1)
 
 ROLE_PAYER = const(1)
 ROLE_PAYEE = const(2)
@@ -47,7 +47,7 @@ class WireError(ValueError):
 def _check_header(data, kind, name):
     if len(data) < 2 or data[0] != kind:
         raise WireError(name + ": wrong type")
-    if data[1] != _VERSION:
+    if data[1] != VERSION:
         raise WireError(name + ": unknown version")
 
 
@@ -87,11 +87,11 @@ def cert_body(serial, device_id, role, identity_pub, x25519_pub, currency, limit
     # The bytes the issuer signs; the certificate is these bytes followed by the signature.
     if role not in (ROLE_PAYER, ROLE_PAYEE, ROLE_PAYER | ROLE_PAYEE):
         raise WireError("certificate: bad role")
-    if len(device_id) != _ID_LEN or len(identity_pub) != 33 or len(issuer_key_id) != KEY_ID_LEN:
+    if len(device_id) != ID_LEN or len(identity_pub) != 33 or len(issuer_key_id) != KEY_ID_LEN:
         raise WireError("certificate: bad field length")
     if bool(role & ROLE_PAYEE) != (x25519_pub is not None) or (x25519_pub is not None and len(x25519_pub) != 32):
         raise WireError("certificate: x25519 key goes with the payee role")
-    head = struct.pack(_CERT_HEAD, _T_CERT, _VERSION, serial, device_id, role, identity_pub)
+    head = struct.pack(_CERT_HEAD, T_CERT, VERSION, serial, device_id, role, identity_pub)
     tail = struct.pack(_CERT_TAIL, currency, limit_payment, limit_offline, max_holding, not_before, not_after,
                        issuer_key_id)
     return head + (x25519_pub or b"") + tail
@@ -99,7 +99,7 @@ def cert_body(serial, device_id, role, identity_pub, x25519_pub, currency, limit
 
 def decode_cert(data):
     data = bytes(data)
-    _check_header(data, _T_CERT, "certificate")
+    _check_header(data, T_CERT, "certificate")
     if len(data) < _CERT_HEAD_LEN:
         raise WireError("certificate: wrong length")
     _, _, serial, device_id, role, identity_pub = struct.unpack_from(_CERT_HEAD, data, 0)
@@ -130,9 +130,9 @@ RevocationList = namedtuple("RevocationList", ("list_version", "issued_at", "dev
 def revocation_body(list_version, issued_at, device_ids):
     ids = sorted(set(bytes(i) for i in device_ids))
     for i in ids:
-        if len(i) != _ID_LEN:
+        if len(i) != ID_LEN:
             raise WireError("revocation list: bad device id")
-    return struct.pack(_RL_HEAD, T_REVOCATION, _VERSION, list_version, issued_at, len(ids)) + b"".join(ids)
+    return struct.pack(_RL_HEAD, T_REVOCATION, VERSION, list_version, issued_at, len(ids)) + b"".join(ids)
 
 
 def decode_revocation(data):
@@ -141,12 +141,12 @@ def decode_revocation(data):
     if len(data) < _RL_HEAD_LEN:
         raise WireError("revocation list: wrong length")
     _, _, list_version, issued_at, count = struct.unpack_from(_RL_HEAD, data, 0)
-    _check_len(data, _RL_HEAD_LEN + count * _ID_LEN + SIG_LEN, "revocation list")
+    _check_len(data, _RL_HEAD_LEN + count * ID_LEN + SIG_LEN, "revocation list")
     ids = []
     prev = b""
     for i in range(count):
-        o = _RL_HEAD_LEN + i * _ID_LEN
-        d = data[o:o + _ID_LEN]
+        o = _RL_HEAD_LEN + i * ID_LEN
+        d = data[o:o + ID_LEN]
         if d <= prev:
             raise WireError("revocation list: ids not strictly ascending")
         ids.append(d)
@@ -171,20 +171,20 @@ Payment = namedtuple("Payment", (
 
 def txid(payer_id, counter):
     # Derived, not random: unique per payer counter, recomputable by anyone, and never stored twice.
-    return sha256(b"paytoken/txid" + bytes(payer_id) + struct.pack(">I", counter)).digest()[:_TXID_LEN]
+    return sha256(b"paytoken/txid" + bytes(payer_id) + struct.pack(">I", counter)).digest()[:TXID_LEN]
 
 
 def payment_body(txid, payer_id, payee_id, amount, currency, counter, offline_spent, prev_hash, qr_nonce,
                  handshake_hash, time):
     if (len(txid), len(payer_id), len(payee_id), len(prev_hash), len(qr_nonce), len(handshake_hash)) != \
-            (_TXID_LEN, _ID_LEN, _ID_LEN, HASH_LEN, _NONCE_LEN, HASH_LEN):
+            (TXID_LEN, ID_LEN, ID_LEN, HASH_LEN, NONCE_LEN, HASH_LEN):
         raise WireError("payment: bad field length")
-    return struct.pack(_PAY, _T_PAYMENT, _VERSION, txid, payer_id, payee_id, amount, currency, counter,
+    return struct.pack(_PAY, T_PAYMENT, VERSION, txid, payer_id, payee_id, amount, currency, counter,
                        offline_spent, prev_hash, qr_nonce, handshake_hash, time)
 
 
 def decode_payment(data):
-    return _fixed(data, _T_PAYMENT, "payment", _PAY, PAYMENT_LEN, Payment)
+    return _fixed(data, T_PAYMENT, "payment", _PAY, PAYMENT_LEN, Payment)
 
 
 # ---- receipt (the payee's countersignature over a payment) ----
@@ -201,11 +201,11 @@ Receipt = namedtuple("Receipt", ("payment_hash", "status", "payee_seq", "time", 
 def receipt_body(payment_hash, status, payee_seq, time):
     if len(payment_hash) != HASH_LEN:
         raise WireError("receipt: bad field length")
-    return struct.pack(_RCPT, _T_RECEIPT, _VERSION, payment_hash, status, payee_seq, time)
+    return struct.pack(_RCPT, T_RECEIPT, VERSION, payment_hash, status, payee_seq, time)
 
 
 def decode_receipt(data):
-    return _fixed(data, _T_RECEIPT, "receipt", _RCPT, RECEIPT_LEN, Receipt)
+    return _fixed(data, T_RECEIPT, "receipt", _RCPT, RECEIPT_LEN, Receipt)
 
 
 def signed_part(raw):
@@ -230,7 +230,7 @@ QrPayload = namedtuple("QrPayload", ("wallet_short", "ble_addr", "addr_random", 
 
 
 def qr_payload(wallet_short, ble_addr, addr_random, x25519_pub, nonce, amount=None, currency=None):
-    if (len(wallet_short), len(ble_addr), len(x25519_pub), len(nonce)) != (WALLET_SHORT_LEN, 6, 32, _NONCE_LEN):
+    if (len(wallet_short), len(ble_addr), len(x25519_pub), len(nonce)) != (WALLET_SHORT_LEN, 6, 32, NONCE_LEN):
         raise WireError("qr: bad field length")
     flags = _QR_ADDR_RANDOM if addr_random else 0
     tail = b""
@@ -347,7 +347,7 @@ Voucher = namedtuple("Voucher", ("device_id", "counter", "amount", "currency", "
 
 
 def voucher_body(device_id, counter, amount, currency, issued_at):
-    return struct.pack(_VOUCHER, T_VOUCHER, _VERSION, device_id, counter, amount, currency, issued_at)
+    return struct.pack(_VOUCHER, T_VOUCHER, VERSION, device_id, counter, amount, currency, issued_at)
 
 
 def decode_voucher(data):
@@ -363,7 +363,7 @@ Ack = namedtuple("Ack", ("device_id", "upto_seq", "chain_hash", "issued_at", "ra
 
 
 def ack_body(device_id, upto_seq, chain_hash, issued_at):
-    return struct.pack(_ACK, T_ACK, _VERSION, device_id, upto_seq, chain_hash, issued_at)
+    return struct.pack(_ACK, T_ACK, VERSION, device_id, upto_seq, chain_hash, issued_at)
 
 
 def decode_ack(data):
@@ -383,7 +383,7 @@ Status = namedtuple("Status", ("device_id", "txid", "status", "issued_at", "raw"
 def status_body(device_id, txid, status, issued_at):
     if status not in (ST_SETTLED, ST_REJECTED, ST_REFUNDED):
         raise WireError("status: unknown value")
-    return struct.pack(_STATUS, T_STATUS, _VERSION, device_id, txid, status, issued_at)
+    return struct.pack(_STATUS, T_STATUS, VERSION, device_id, txid, status, issued_at)
 
 
 def decode_status(data):
