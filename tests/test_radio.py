@@ -811,3 +811,108 @@ def test_broker_command_line(tmp_path):
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+# --------------------------------------------------------------------------- subscriptions and indications
+
+
+def test_updates_reach_subscribers_notify_reaches_everyone(radio: BrokerThread):
+    peripheral = device(radio, r"""
+def irq(e, d):
+    rec(e, d)
+    if e == 3 and ble.gatts_read(d[1]) == b"go":
+        ble.gatts_write(TXH, b"update", True)  # only to clients that wrote the CCCD
+        for c in [x[0] for x in [d2 for e2, d2 in EV if e2 == 1]]:
+            ble.gatts_notify(c, TXH, b"direct")  # to every client, subscribed or not
+        ble.gatts_indicate(d[0], TXH, b"ind")
+ble.irq(irq)
+ble.active(True)
+((TXH, RXH),) = ble.gatts_register_services(((SVC, (TX, RX)),))
+ble.gap_advertise(20000, adv(b"payee"))
+wait(lambda: got(1))
+ble.gap_advertise(20000, adv(b"payee"))  # advertising stopped with the first connection
+wait(lambda: got(2, 2), 6000)
+result(indicate_done=data(20))
+""", "payee")
+    wait_advertising(radio, "payee")
+    central = device(radio, r"""
+ble.irq(rec)
+ble.active(True)
+c = connect_to(b"payee")
+ble.gattc_write(c, 13, b"\x01\x00", 1)  # subscribe: notifications on
+wait(lambda: got(17))
+wait(lambda: got(27))  # the test's signal: the other client is connected too
+ble.gattc_write(c, 15, b"go", 1)
+wait(lambda: got(19))
+ble.gap_disconnect(c)
+wait(lambda: got(8))
+result(notified=[d[2].decode() for e, d in EV if e == 18], indicated=[d[2].decode() for e, d in EV if e == 19])
+""", "subscriber")
+    first = radio.wait_for(lambda: radio.links(), timeout=5)[0]["link"]
+    payee = next(d for d in radio.devices() if d["name"] == "payee")["addr"]
+
+    async def bystander() -> list[bytes]:
+        async with RadioClient(radio.address, name="bystander") as client:
+            conn = await client.connect(payee)
+            radio.broker.control("config", link=first, interval_ms=25)  # signal the subscriber
+            values = [(await asyncio.wait_for(conn.notifications.get(), 5))[1]]
+            await asyncio.sleep(0.2)
+            while not conn.notifications.empty():
+                values.append(conn.notifications.get_nowait()[1])
+            await conn.disconnect()
+            return values
+
+    seen = radio.submit(bystander())
+    (p, c) = results(peripheral, central)
+    assert seen.result(5) == [b"direct"]  # no "update": it did not subscribe
+    assert c["notified"] == ["update", "direct"] and c["indicated"] == ["ind"]
+    assert p["indicate_done"][2] == 0  # confirmed
+
+
+# --------------------------------------------------------------------------- the link layer's timing
+
+
+def test_timing_interval_latency_packets_per_event_fragmentation(radio: BrokerThread):
+    async def scenario() -> dict:
+        loop = asyncio.get_running_loop()
+        async with RadioClient(radio.address, name="tp") as per, RadioClient(radio.address, name="tc") as cen:
+            await per.advertise(20_000)
+            conn = await cen.connect(per.addr, interval_us=20_000)
+            pconn = await per.incoming.get()
+            arrivals: list[float] = []
+            pconn.on_write = lambda handle, value: arrivals.append(loop.time())
+
+            async def delays(n: int) -> list[float]:
+                out = []
+                for i in range(n):
+                    t0 = loop.time()
+                    await conn.write(0x20, bytes([i]), response=False)
+                    while len(arrivals) <= i:
+                        await asyncio.sleep(0.001)
+                    out.append(arrivals[i] - t0)
+                    await asyncio.sleep(0.007 * (i % 3))  # land at different points between events
+                arrivals.clear()
+                return out
+
+            plain = await delays(8)
+            radio.broker.control("config", link=conn.link, latency=4)
+            sleepy = await delays(8)
+            radio.broker.control("config", link=conn.link, latency=0, ppe=2)
+            for i in range(10):
+                await conn.write(0x20, bytes([i]), response=False)
+            while len(arrivals) < 10:
+                await asyncio.sleep(0.001)
+            spread = arrivals[-1] - arrivals[0]
+            await conn.exchange_mtu(247)
+            before = radio.broker.control("stats", link=conn.link)["stats"]["c2p"]["ll_packets"]
+            await conn.write(0x20, bytes(200), response=False)
+            await asyncio.sleep(0.2)
+            after = radio.broker.control("stats", link=conn.link)["stats"]["c2p"]["ll_packets"]
+            return dict(plain=plain, sleepy=sleepy, spread=spread, fragments=after - before)
+
+    r = radio.call(scenario())
+    assert max(r["plain"]) < 0.020 + 0.012  # delivered at the next connection event (20 ms interval)
+    assert max(r["sleepy"]) > 0.025  # peripheral latency 4: it listens at every 5th event only
+    assert max(r["sleepy"]) < 5 * 0.020 + 0.012
+    assert r["spread"] > 4 * 0.020 - 0.008  # 10 packets, 2 per event: 5 events
+    assert r["fragments"] == 8  # 203-byte ATT PDU + 4-byte L2CAP header in 27-byte LL packets

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 import random
 import signal
@@ -814,6 +815,10 @@ class BrokerThread:
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start a coroutine on the broker's loop and return at once; `.result(timeout)` waits for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def control(self, op: str, **args: Any) -> Any:
         async def run() -> Any:

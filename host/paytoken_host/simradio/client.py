@@ -12,9 +12,10 @@
         await conn.disconnect()
 
 A client can also advertise; a central that connects to it arrives in `incoming`. Its GATT server is empty: it
-answers an MTU exchange and refuses every other request ("attribute not found"), enough to act as a connectable
-peer in tests. ATT requests are serialised per connection (one outstanding, as ATT requires) and time out after
-30 s like ATT transactions. Writes longer than ATT_MTU - 3 raise ValueError instead of being cut.
+answers an MTU exchange, hands writes to `Connection.on_write` if set, and refuses every other request
+("attribute not found"), enough to act as a connectable peer in tests. ATT requests are serialised per
+connection (one outstanding, as ATT requires) and time out after 30 s like ATT transactions. Writes longer than
+ATT_MTU - 3 raise ValueError instead of being cut.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Connection:
         self.notifications: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.indications: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.on_notify: Callable[[int, bytes], None] | None = None
+        self.on_write: Callable[[int, bytes], None] | None = None  # server side: accept writes, see them here
         self._lock = asyncio.Lock()
         self._pending: asyncio.Future[bytes] | None = None
 
@@ -236,6 +238,10 @@ class Connection:
             (client_mtu,) = struct.unpack_from("<H", pdu, 1)
             self._tx(bytes([att.MTU_RSP]) + att.u16(self.preferred_mtu))
             self.mtu = max(att.DEFAULT_MTU, min(self.preferred_mtu, client_mtu))
+        elif op in (att.WRITE_REQ, att.WRITE_CMD) and self.on_write is not None and len(pdu) >= 3:
+            self.on_write(struct.unpack_from("<H", pdu, 1)[0], pdu[3:])
+            if op == att.WRITE_REQ:
+                self._tx(bytes([att.WRITE_RSP]))
         elif op in att.REQUESTS:
             start = struct.unpack_from("<H", pdu, 1)[0] if len(pdu) >= 3 else 0
             refuse = att.ERR_INVALID_HANDLE if op in (att.READ_REQ, att.READ_BLOB_REQ, att.WRITE_REQ) \
