@@ -7,6 +7,9 @@
 # PAYTOKEN_RADIO_NAME = a name for the broker's device list; PAYTOKEN_RADIO_ADDR = "aa:bb:cc:dd:ee:ff" to ask
 # for that public address instead of the one the broker assigns.
 #
+# The GATT server and the client's discovery live in _bluetooth_gatts.py and _bluetooth_gattc.py, imported
+# on first use: a module loaded from .mpy sits in the heap on the unix port (on an ESP32 this is C, in flash).
+#
 # IRQs are delivered synchronously (the handler is called directly, API calls inside it work) by an asyncio
 # task that active(True) starts, whenever the asyncio loop runs, or by bluetooth._pump(timeout_ms) in
 # synchronous code. Addresses, data and UUIDs handed to the handler are zeroed once it returns, as an ESP32
@@ -697,51 +700,7 @@ class BLE:
         self._nsvc = 0
 
     def gatts_register_services(self, services):
-        self._need()
-        if self._adv or self._scan or self._connecting or self._conns:
-            raise OSError(_EBUSY)  # ble_gatts_reset: only while no GAP procedure and no connection
-        self._gatts_reset()
-        attrs = self._attrs
-        db = self._db
-        result = []
-        for svc in services:
-            if len(svc) != 2:
-                raise ValueError("requested length 2 but object has length %d" % len(svc))
-            u, chars = svc
-            if not isinstance(u, UUID):
-                raise ValueError("invalid service UUID")
-            if self._nsvc == _MAX_SVCS:
-                raise OSError(_E2BIG)
-            self._nsvc += 1
-            first = len(attrs)
-            attrs.append(None)
-            handles = []
-            for ch in chars:
-                if len(ch) < 2 or len(ch) > 3:
-                    raise ValueError("invalid characteristic tuple")
-                if not isinstance(ch[0], UUID):
-                    raise ValueError("invalid characteristic UUID")
-                cu = bytes(ch[0])
-                f = int(ch[1])
-                vh = len(attrs) + 2
-                attrs.append((_K_CHR, cu, f & 0x7F | (0x80 if f & 0x0180 else 0), vh))
-                attrs.append((_K_VAL, cu, f, 0))
-                db[vh] = [bytearray(_ATTR_LEN), 0, False]
-                handles.append(vh)
-                if f & (FLAG_NOTIFY | FLAG_INDICATE):
-                    attrs.append((_K_CCC, _U_CCC, vh, 0))
-                if len(ch) == 3:
-                    for d in ch[2]:
-                        if len(d) != 2:
-                            raise ValueError("requested length 2 but object has length %d" % len(d))
-                        if not isinstance(d[0], UUID):
-                            raise ValueError("invalid descriptor UUID")
-                        attrs.append((_K_DSC, bytes(d[0]), int(d[1]), 0))
-                        db[len(attrs)] = [bytearray(_ATTR_LEN), 0, False]
-                        handles.append(len(attrs))
-            attrs[first] = (_K_SVC, bytes(u), len(attrs), 0)
-            result.append(tuple(handles))
-        return tuple(result)
+        return _gatts().register(self, services)
 
     def gatts_read(self, value_handle):
         e = self._db.get(value_handle) if self._s is not None else None
@@ -834,156 +793,8 @@ class BLE:
         self._txfree -= b
         c.held += b
 
-    def _attr(self, h):
-        return self._attrs[h - 1] if 0 < h <= len(self._attrs) else None
-
-    def _type(self, a):
-        k = a[0]
-        return _U_SVC if k == _K_SVC else _U_CHR if k == _K_CHR else a[1]
-
-    def _read(self, c, h):
-        # (value, 0) or (None, ATT error) for a read of attribute h by the peer on connection c
-        a = self._attr(h)
-        if a is None:
-            return None, 0x01
-        k = a[0]
-        if k == _K_SVC:
-            return a[1], 0
-        if k == _K_CHR:
-            return bytes((a[2],)) + _u16(a[3]) + a[1], 0
-        if k == _K_CCC:
-            return _u16(c.cccd.get(a[2], 0)), 0
-        f = a[2]
-        if not f & FLAG_READ:
-            return None, 0x02
-        if k == _K_VAL:
-            if f & 0x0200:
-                return None, 0x0F  # READ_ENCRYPTED: the simulated links are never encrypted
-            if f & 0x0400:
-                return None, 0x05
-            if f & 0x0800:
-                return None, 0x08
-            if h == 3:
-                return bytes(self._name), 0
-            if h == 5:
-                return b"\x00\x00", 0
-        r = self._call(_IRQ_GATTS_READ_REQUEST, (c.h, h))
-        r = 1 if r is True else r if isinstance(r, int) and r is not False else 0
-        if r:
-            return None, r & 0xFF
-        e = self._db.get(h)
-        if e is None:
-            return None, 0x0A
-        return bytes(e[0][: e[1]]), 0
-
-    def _write(self, c, h, v):
-        a = self._attr(h)
-        if a is None:
-            return 0x01
-        k = a[0]
-        if k == _K_CCC:
-            if len(v) != 2:
-                return 0x0D
-            c.cccd[a[2]] = v[0] | v[1] << 8
-            return 0
-        if k != _K_VAL and k != _K_DSC:
-            return 0x03
-        f = a[2]
-        if not f & (FLAG_WRITE | FLAG_WRITE_NO_RESPONSE):
-            return 0x03
-        if k == _K_VAL:
-            if f & 0x1000:
-                return 0x0F
-            if f & 0x2000:
-                return 0x05
-            if f & 0x4000:
-                return 0x08
-        e = self._db.get(h)
-        if e is None:
-            return 0x0A
-        buf = e[0]
-        off = e[1] if e[2] else 0
-        n = min(len(buf), len(v) + off)  # a longer write is cut to the buffer
-        buf[off:n] = v[: n - off]
-        e[1] = n
-        self._call(_IRQ_GATTS_WRITE, (c.h, h))
-        return 0
-
     def _srv(self, c, op, p):
-        # the ATT server: answer one request (or take one command) from the peer
-        if op == _MTU_REQ:
-            self._tx(c.h, bytes((_MTU_RSP,)) + _u16(self._mtu), 0)
-            c.mtu = max(_MTU_MIN, min(self._mtu, _g16(p, 1)))
-            c.mtx = True
-            self._call(_IRQ_MTU_EXCHANGED, (c.h, c.mtu))
-            return
-        if op == _WRITE_REQ or op == _WRITE_CMD:
-            h = _g16(p, 1)
-            e = self._write(c, h, p[3:])
-            if op == _WRITE_REQ:
-                self._tx(c.h, bytes((_ERR, op)) + _u16(h) + bytes((e,)) if e else bytes((_WRITE_RSP,)), 0)
-            return
-        if op & 0x40:
-            return  # an unknown command: ignored
-        rsp, h, e = self._answer(c, op, p)
-        self._tx(c.h, rsp if rsp else bytes((_ERR, op)) + _u16(h) + bytes((e,)), 0)
-
-    def _answer(self, c, op, p):
-        # (response, handle, 0) or (None, handle, ATT error)
-        if op == _READ_REQ or op == _READ_BLOB_REQ:
-            h = _g16(p, 1)
-            v, e = self._read(c, h)
-            if e:
-                return None, h, e
-            off = _g16(p, 3) if op == _READ_BLOB_REQ else 0
-            if off > len(v):
-                return None, h, 0x07
-            return bytes((op + 1,)) + v[off : off + c.mtu - 1], h, 0
-        if op not in (_FIND_INFO_REQ, _FIND_TYPE_REQ, _READ_TYPE_REQ, _READ_GROUP_REQ):
-            return None, 0, 0x06  # request not supported
-        s, end = _g16(p, 1), _g16(p, 3)
-        if s == 0 or s > end:
-            return None, s, 0x01
-        if op == _READ_GROUP_REQ and p[5:] != _U_SVC:
-            return None, s, 0x10  # unsupported group type
-        out = []
-        size = 0
-        room = c.mtu - 2
-        for h in range(s, min(end, len(self._attrs)) + 1):
-            a = self._attrs[h - 1]
-            if op == _FIND_INFO_REQ:
-                ent = _u16(h) + self._type(a)
-            elif op == _READ_GROUP_REQ:
-                if a[0] != _K_SVC:
-                    continue
-                ent = _u16(h) + _u16(a[2]) + a[1]
-            elif op == _FIND_TYPE_REQ:
-                if a[0] != _K_SVC or _g16(p, 5) != 0x2800 or a[1] != p[7:]:
-                    continue
-                ent = _u16(h) + _u16(a[2])
-                room = c.mtu - 1
-            else:
-                if self._type(a) != p[5:]:
-                    continue
-                v, e = self._read(c, h)
-                if e:
-                    if out:
-                        break
-                    return None, h, e
-                ent = _u16(h) + v[: min(253, c.mtu - 4)]
-            if size and len(ent) != size:
-                break  # every entry of one response has the same length
-            if (len(out) + 1) * len(ent) > room:
-                break
-            size = len(ent)
-            out.append(ent)
-        if not out:
-            return None, s, 0x0A  # attribute not found
-        if op == _FIND_TYPE_REQ:
-            return bytes((_FIND_TYPE_RSP,)) + b"".join(out), s, 0
-        if op == _FIND_INFO_REQ:
-            return bytes((_FIND_INFO_RSP, 1 if size == 4 else 2)) + b"".join(out), s, 0
-        return bytes((op + 1, size)) + b"".join(out), s, 0
+        _gatts().srv(self, c, op, p)
 
     # ------------------------------------------------------------------ GATT client
 
@@ -1020,35 +831,13 @@ class BLE:
             self._tx(c.h, pdu, b)
 
     def gattc_discover_services(self, conn_handle, uuid=None):
-        if uuid is not None and not isinstance(uuid, UUID):
-            raise TypeError("UUID")
-        self._need()
-        self._ensure()
-        if uuid is None:
-            pdu = bytes((_READ_GROUP_REQ,)) + _u16(1) + _u16(0xFFFF) + _U_SVC
-        else:
-            pdu = bytes((_FIND_TYPE_REQ,)) + _u16(1) + _u16(0xFFFF) + _U_SVC + bytes(uuid)
-        self._proc(conn_handle, _P_SVC, pdu, [_P_SVC, 0, 0xFFFF, None if uuid is None else bytes(uuid)])
+        _gattc().discover_services(self, conn_handle, uuid)
 
     def gattc_discover_characteristics(self, conn_handle, start_handle, end_handle, uuid=None):
-        if uuid is not None and not isinstance(uuid, UUID):
-            raise TypeError("UUID")
-        self._need()
-        self._ensure()
-        if self._chr:
-            raise OSError(_EBUSY)  # MicroPython allows one characteristic discovery at a time
-        ok = 0 < start_handle <= end_handle
-        pdu = bytes((_READ_TYPE_REQ,)) + _u16(start_handle) + _u16(end_handle) + _U_CHR if ok else None
-        u = None if uuid is None else bytes(uuid)
-        self._proc(conn_handle, _P_CHR, pdu, [_P_CHR, start_handle - 1, end_handle, u, None])
-        self._chr = True
+        _gattc().discover_characteristics(self, conn_handle, start_handle, end_handle, uuid)
 
     def gattc_discover_descriptors(self, conn_handle, start_handle, end_handle):
-        self._need()
-        self._ensure()
-        ok = 0 < start_handle + 1 <= end_handle
-        pdu = bytes((_FIND_INFO_REQ,)) + _u16(start_handle + 1) + _u16(end_handle) if ok else None
-        self._proc(conn_handle, _P_DSC, pdu, [_P_DSC, start_handle, end_handle])
+        _gattc().discover_descriptors(self, conn_handle, start_handle, end_handle)
 
     def gattc_read(self, conn_handle, value_handle):
         self._need()
@@ -1103,12 +892,13 @@ class BLE:
     def _rsp(self, c, q, op, p):
         # a response to our outstanding request q
         k = q[0]
+        if _P_SVC <= k <= _P_DSC:
+            _gattc().rsp(self, c, q, op, p)
+            return
         st = 0
         if op == _ERR:
             st = 0x100 + p[4]  # BLE_HS_ATT_ERR(code)
             eh = _g16(p, 2)
-            if p[4] == 0x0A and k in (_P_SVC, _P_CHR, _P_DSC):
-                st = 0  # "attribute not found" ends a discovery
         if k == _P_MTU:
             if op == _MTU_RSP:
                 c.mtu = max(_MTU_MIN, min(q[1], _g16(p, 1)))
@@ -1123,95 +913,8 @@ class BLE:
                 self._end(c, _IRQ_GATTC_READ_DONE, (c.h, eh if op == _ERR else q[1], st or _HS_EBADDATA))
         elif k == _P_WRITE:
             self._end(c, _IRQ_GATTC_WRITE_DONE, (c.h, q[1], st if op == _ERR else 0))
-        elif k == _P_IND:
-            if op == _CONFIRM:
-                self._end(c, _IRQ_GATTS_INDICATE_DONE, (c.h, q[1], 0))
-        elif op == _ERR:
-            self._disc_done(c, q, st)
-        elif k == _P_SVC:
-            self._svc_rsp(c, q, op, p)
-        elif k == _P_CHR:
-            self._chr_rsp(c, q, op, p)
-        else:
-            self._dsc_rsp(c, q, op, p)
-
-    def _disc_done(self, c, q, st):
-        k = q[0]
-        if k == _P_CHR:
-            if q[4]:
-                vh, props, u = q[4]
-                q[4] = None
-                self._call(_IRQ_GATTC_CHARACTERISTIC_RESULT, (c.h, q[2], vh, props, self._uuid(u)))
-            self._chr = False
-            self._end(c, _IRQ_GATTC_CHARACTERISTIC_DONE, (c.h, st))
-        elif k == _P_SVC:
-            self._end(c, _IRQ_GATTC_SERVICE_DONE, (c.h, st))
-        else:
-            self._end(c, _IRQ_GATTC_DESCRIPTOR_DONE, (c.h, st))
-
-    def _svc_rsp(self, c, q, op, p):
-        if op == _READ_GROUP_RSP and q[3] is None and p[1] >= 6:
-            n = p[1]
-            ents = [p[i : i + n] for i in range(2, len(p) - n + 1, n)]
-        elif op == _FIND_TYPE_RSP and q[3] is not None:
-            ents = [p[i : i + 4] + q[3] for i in range(1, len(p) - 3, 4)]
-        else:
-            ents = None
-        if not ents:
-            self._disc_done(c, q, _HS_EBADDATA)
-            return
-        for e in ents:
-            end = _g16(e, 2)
-            if end <= q[1]:
-                self._disc_done(c, q, _HS_EBADDATA)
-                return
-            q[1] = end
-            self._call(_IRQ_GATTC_SERVICE_RESULT, (c.h, _g16(e, 0), end, self._uuid(e[4:])))
-        if q[1] == 0xFFFF:
-            self._disc_done(c, q, 0)
-        elif op == _READ_GROUP_RSP:
-            self._tx(c.h, bytes((_READ_GROUP_REQ,)) + _u16(q[1] + 1) + _u16(0xFFFF) + _U_SVC, 0)
-        else:
-            self._tx(c.h, bytes((_FIND_TYPE_REQ,)) + _u16(q[1] + 1) + _u16(0xFFFF) + _U_SVC + q[3], 0)
-
-    def _chr_rsp(self, c, q, op, p):
-        n = p[1] if op == _READ_TYPE_RSP else 0
-        if n not in (7, 21):
-            self._disc_done(c, q, _HS_EBADDATA)
-            return
-        for i in range(2, len(p) - n + 1, n):
-            dh, props, vh, u = _g16(p, i), p[i + 2], _g16(p, i + 3), p[i + 5 : i + n]
-            if dh <= q[1]:
-                self._disc_done(c, q, _HS_EBADDATA)
-                return
-            if q[4]:
-                pv, pp, pu = q[4]
-                q[4] = None
-                self._call(_IRQ_GATTC_CHARACTERISTIC_RESULT, (c.h, dh - 1, pv, pp, self._uuid(pu)))
-            if q[3] is None or q[3] == u:
-                q[4] = (vh, props, u)
-            q[1] = vh
-        if q[1] + 1 >= q[2] - 1:
-            self._disc_done(c, q, 0)
-        else:
-            self._tx(c.h, bytes((_READ_TYPE_REQ,)) + _u16(q[1] + 1) + _u16(q[2]) + _U_CHR, 0)
-
-    def _dsc_rsp(self, c, q, op, p):
-        n = (4 if p[1] == 1 else 18) if op == _FIND_INFO_RSP and len(p) > 2 else 0
-        if not n:
-            self._disc_done(c, q, _HS_EBADDATA)
-            return
-        for i in range(2, len(p) - n + 1, n):
-            h = _g16(p, i)
-            if h <= q[1]:
-                self._disc_done(c, q, _HS_EBADDATA)
-                return
-            q[1] = h
-            self._call(_IRQ_GATTC_DESCRIPTOR_RESULT, (c.h, h, self._uuid(p[i + 2 : i + n])))
-        if q[1] >= q[2]:
-            self._disc_done(c, q, 0)
-        else:
-            self._tx(c.h, bytes((_FIND_INFO_REQ,)) + _u16(q[1] + 1) + _u16(q[2]), 0)
+        elif op == _CONFIRM:  # k == _P_IND
+            self._end(c, _IRQ_GATTS_INDICATE_DONE, (c.h, q[1], 0))
 
     def _down(self, c):
         # the link is gone: buffers back, pending procedures fail (indications first, as NimBLE's
@@ -1238,7 +941,21 @@ class BLE:
             self._call(_IRQ_GATTC_WRITE_DONE, (c.h, q[1], _HS_ENOTCONN))
         elif k != _P_MTU:
             self._procs += 1
-            self._disc_done(c, q, _HS_ENOTCONN)
+            _gattc().done(self, c, q, _HS_ENOTCONN)
+
+
+def _gatts():
+    # the GATT server (answering the peer's requests, registering services): loaded when first needed
+    import _bluetooth_gatts
+
+    return _bluetooth_gatts
+
+
+def _gattc():
+    # the GATT client's discovery procedures: loaded when first needed
+    import _bluetooth_gattc
+
+    return _bluetooth_gattc
 
 
 def _pump(timeout_ms=0):
