@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from paytoken_host.simradio import BrokerThread, RadioClient
-from paytoken_host.simradio.att import Uuid
+from paytoken_host.simradio.att import AttError, Uuid
 from tests.harness.mp import ROOT, run_script
 from tests.harness.radio import DeviceProcess
 from tests.test_esp32_api import stub_file
@@ -43,8 +43,8 @@ def radio(broker: BrokerThread) -> Iterator[BrokerThread]:
     broker.reset()
 
 
-def device(radio: BrokerThread, body: str, name: str, heapsize: str = "256K") -> DeviceProcess:
-    return DeviceProcess(radio.address, body, name, heapsize)
+def device(radio: BrokerThread, body: str, name: str, heapsize: str = "256K", **env: str) -> DeviceProcess:
+    return DeviceProcess(radio.address, body, name, heapsize, env)
 
 
 def wait_advertising(radio: BrokerThread, name: str) -> None:
@@ -182,6 +182,39 @@ result(**r)
     assert r["l2cap"] is False
     assert r["pair"] == errno.EOPNOTSUPP
     assert r["off"] is False
+
+
+def test_addresses_assigned_or_requested(radio: BrokerThread):
+    async def holder() -> RadioClient:
+        return await RadioClient(radio.address, name="holder", addr="02:aa:00:00:00:01").start()
+
+    client = radio.call(holder())
+    r = device(radio, r"""
+ble.active(True)
+mine = hx(ble.config("mac")[1])
+ble.active(False)
+import os
+os.putenv("PAYTOKEN_RADIO_ADDR", "02:aa:00:00:00:01")  # the CPython device has it
+try:
+    ble.active(True)
+    taken = None
+except OSError as e:
+    taken = [e.args[0], e.args[1]]
+os.putenv("PAYTOKEN_RADIO", "127.0.0.1:1")
+try:
+    ble.active(True)
+except OSError as e:
+    nobroker = [e.args[0], e.args[1]]
+result(mine=mine, taken=taken, nobroker=nobroker)
+""", "wants", PAYTOKEN_RADIO_ADDR="02:AA:00:00:00:02").result()
+    radio.call(client.close())
+    assert client.addr.hex() == "02aa00000001"
+    assert r["mine"] == "02aa00000002"
+    assert r["taken"] == [ENODEV, "bluetooth sim: the radio broker refused: address 02:aa:00:00:00:01 is in use by "
+                                  "another device"]
+    assert r["nobroker"] == [ENODEV, "bluetooth sim: no radio broker at PAYTOKEN_RADIO=127.0.0.1:1"]
+    assigned = [d["addr"] for d in radio.devices()]
+    assert len(set(assigned)) == len(assigned)
 
 
 # --------------------------------------------------------------------------- advertising and scanning
@@ -753,6 +786,8 @@ def test_cpython_central_talks_to_a_micropython_peripheral(radio: BrokerThread):
             await conn.subscribe(descriptors[0].handle)
             value = await conn.read(tx.value_handle)
             name = await conn.read(3)
+            with pytest.raises(AttError) as refused:
+                await conn.read(rx.value_handle)
             await conn.write(rx.value_handle, b"go")
             handle, note = await asyncio.wait_for(conn.notifications.get(), 5)
             with pytest.raises(ValueError):
@@ -761,7 +796,8 @@ def test_cpython_central_talks_to_a_micropython_peripheral(radio: BrokerThread):
             await asyncio.wait_for(conn.disconnected.wait(), 5)
             return dict(mtu=mtu, services=[str(s.uuid) for s in services], tx=tx.value_handle,
                         props=[tx.properties, rx.properties], descriptors=[str(d.uuid) for d in descriptors],
-                        value=value, name=name, note=(handle, len(note)), reason=conn.reason, link=conn.link)
+                        value=value, name=name, note=(handle, len(note)), reason=conn.reason, link=conn.link,
+                        rx_read=refused.value.code)
 
     c = radio.call(central())
     (p,) = results(peripheral)
@@ -772,7 +808,10 @@ def test_cpython_central_talks_to_a_micropython_peripheral(radio: BrokerThread):
     assert c["value"] == bytes(range(60)) and c["name"] == b"MPY ESP32"
     assert c["note"] == (c["tx"], 97)
     assert c["reason"] == 0x13  # the peripheral disconnected: "remote user terminated"
+    assert c["rx_read"] == 0x02  # read not permitted: RX has no FLAG_READ
     assert radio.stats(c["link"])["mtu"] == 100
+    # the peripheral's handler saw one _IRQ_GATTS_READ_REQUEST: the TX read (GAP's device name is NimBLE's own)
+    assert p["events"].count(4) == 1
 
 
 # --------------------------------------------------------------------------- memory, CLI

@@ -89,9 +89,10 @@ RX = (bluetooth.UUID("6E400002-B5A3-F393-E0A9-E50E24DCCA9E"),
 class DeviceProcess:
     """A MicroPython device running `body` (after PRELUDE) against the broker at `radio` ("host:port")."""
 
-    def __init__(self, radio: str, body: str, name: str, heapsize: str = "256K"):
+    def __init__(self, radio: str, body: str, name: str, heapsize: str = "256K", env: dict[str, str] | None = None):
         self.name = name
-        env = dict(os.environ, MICROPYPATH=micropython_path(), PAYTOKEN_RADIO=radio, PAYTOKEN_RADIO_NAME=name)
+        env = dict(os.environ, MICROPYPATH=micropython_path(), PAYTOKEN_RADIO=radio, PAYTOKEN_RADIO_NAME=name,
+                   **(env or {}))
         self.proc = subprocess.Popen(
             [micropython_command(), "-X", f"heapsize={heapsize}", "-c", PRELUDE + body],
             stdout=subprocess.PIPE,

@@ -866,9 +866,10 @@ class BLE:
         self._tx(conn_handle, pdu, b)
 
     def gattc_exchange_mtu(self, conn_handle):
-        if self._procs >= _MAX_PROCS:
-            raise OSError(_ENOMEM)
+        # no active check in MicroPython here: with the stack off there is simply no such connection
         c = self._conns.get(conn_handle) if self._s is not None else None
+        if c is not None and self._procs >= _MAX_PROCS:
+            raise OSError(_ENOMEM)
         if c is None:
             raise OSError(_ENOTCONN)
         if c.mtx:
