@@ -868,6 +868,8 @@ class BLE:
     def gattc_exchange_mtu(self, conn_handle):
         # no active check in MicroPython here: with the stack off there is simply no such connection
         c = self._conns.get(conn_handle) if self._s is not None else None
+        if c is not None:
+            self._ensure()
         if c is not None and self._procs >= _MAX_PROCS:
             raise OSError(_ENOMEM)
         if c is None:
