@@ -211,6 +211,7 @@ class BLE:
             _ble._depth = 0
             _ble._sec = {}
             _ble._task = None
+            _ble._kick = False
             _ble._buf = None
         return _ble
 
@@ -468,8 +469,8 @@ class BLE:
                 _sys.print_exception(e)
                 self._irq = None
             self._depth -= 1
-            if self._depth:
-                return r  # an event raised inside a handler (e.g. SCAN_DONE by gap_scan(None)): outer data stays
+        if self._depth:
+            return r  # an event raised inside a handler (e.g. SCAN_DONE by gap_scan(None)): outer data stays
         # The memory behind the memoryviews and the UUID is reused on an ESP32: make stale views visible.
         n = self._n
         if n:
@@ -786,8 +787,16 @@ class BLE:
         if self._txfree < blocks:
             while self._fill(0):  # buffers freed by delivered packets
                 pass
+            if self._q and self._task is not None and not self._busy and not self._kick:
+                # the reader task waits for the socket, which is drained now: have the queue handled
+                self._kick = True
+                self._core.create_task(self._kicker())
             if self._txfree < blocks:
                 raise OSError(_ENOMEM)
+
+    async def _kicker(self):
+        self._kick = False
+        self._pump(0)
 
     def _take(self, c, b):
         self._txfree -= b
