@@ -196,3 +196,29 @@ def test_payer_memory_forgets_the_oldest_and_matches_whole_ids_only(mp):
     mp.exec("_pm2 = wallet._PayerMemory(2)\n_pm2.put(b'AAAABBBB', 1, 1)\n_pm2.put(b'CCCCDDDD', 2, 2)")
     assert mp.eval("_pm2.get(b'BBBBCCCC')") is None
     assert mp.eval("_pm2.get(memoryview(b'xCCCCDDDD')[1:])") == [2, 2]
+
+
+def test_signed_payments_rebuild_the_exact_bytes_both_devices_signed(rig):
+    # What a sync uploads: the ledger keeps parts, wallet_sync.signed_payments gives back the signed bytes.
+    rig.pay(1_000)
+    rig.pay(2_500)
+    # a third payment whose receipt is lost: sent-unconfirmed on the payer, received on the payee
+    rig.open(rig.qr())
+    m2 = rig.call(f"es.read_hello({rig.call('ps.start()')!r})")
+    rig.call(f"ps.read_hello({m2!r})")
+    rig.call(f"es.read_payment({rig.call('ps.confirm(700)')!r}) and None")
+    rig.mp.exec("from paytoken import wallet_sync")
+    payer_side = rig.call("list(wallet_sync.signed_payments(pw))")
+    payee_side = rig.call("list(wallet_sync.signed_payments(ew))")
+    payer_cert = protocol.verify_cert(rig.payer.cert, rig.world.issuer.public)
+    payee_cert = protocol.verify_cert(rig.payee.cert, rig.world.issuer.public)
+    assert [r[0] for r in payer_side] == [wire.ROLE_PAYER] * 3 and [r[0] for r in payee_side] == [wire.ROLE_PAYEE] * 3
+    assert payer_side[2][2] is None  # no receipt reached the payer
+    for (_, pay, rc), (_, pay2, rc2) in zip(payer_side, payee_side):
+        assert pay == pay2  # the same payment from both ledgers
+        p = protocol.verify_payment(pay, payer_cert)  # signed by the payer's key, independently checked
+        assert protocol.verify_receipt(rc2, payee_cert, pay).status == reasons.OK
+        if rc is not None:
+            assert rc == rc2
+        assert p.payer_id == rig.payer.device_id and p.payee_id == rig.payee.device_id
+    assert [protocol.verify_payment(r[1], payer_cert).amount for r in payer_side] == [1_000, 2_500, 700]

@@ -6,9 +6,12 @@ import struct
 
 from paytoken import reasons, wire
 from paytoken.reasons import Refused
-from paytoken.trust import signed_by
+from paytoken.trust import payment_hash, signed_by
 from paytoken.wallet import (  # the wallet's own half, private names included
+    _RCVD,
     _RCVD_STATUS,
+    _RESULT,
+    _SENT,
     _SNAP,
     DONE,
     K_ACK,
@@ -164,6 +167,39 @@ def history(w, limit=None):
         if limit is not None and len(out) > limit:
             out.pop(0)
     return out
+
+
+def signed_payments(w):
+    # (role, payment, receipt or None) for every payment still in the ledger, oldest first: the exact bytes
+    # both devices signed, which the ledger keeps only in part. The payer's payment is rebuilt from its SENT
+    # record and the state before it, and signed again (RFC 6979 signatures are deterministic: the same
+    # bytes); the payee's receipt likewise. ValueError if a rebuilt payment is not the one recorded.
+    r = _Replica(w)
+    sent = None  # the payer's last payment, until its RESULT
+    for seq, payload in w.ledger.records(w.ledger.base_seq + 1):
+        kind = payload[0]
+        if kind == K_SENT:
+            if sent is not None:
+                yield wire.ROLE_PAYER, sent, None  # sent-unconfirmed: no receipt came
+            payee_id, amount, nonce, hs, time, phash = struct.unpack_from(_SENT, payload, 1)
+            counter = r.counter + 1
+            sent = w.sign(wire.payment_body(wire.txid(w.device_id, counter), w.device_id, payee_id, amount,
+                                            w.cert.currency, counter, r.offline_spent, r.prev_hash, nonce, hs,
+                                            time))
+            if payment_hash(sent) != phash:
+                raise ValueError("ledger record %d: rebuilt payment differs" % seq)
+        elif kind == K_RESULT and sent is not None:
+            status, payee_seq, time, sig = struct.unpack_from(_RESULT, payload, 1)
+            yield wire.ROLE_PAYER, sent, wire.receipt_body(payment_hash(sent), status, payee_seq, time) + sig
+            sent = None
+        elif kind == K_RCVD:
+            f = struct.unpack_from(_RCVD, payload, 1)
+            payment = w._rcvd_payment(f)
+            yield wire.ROLE_PAYEE, payment, w.sign(wire.receipt_body(payment_hash(payment), f[10], r.seq + 1,
+                                                                      f[11]))
+        r._apply(seq, payload)
+    if sent is not None:
+        yield wire.ROLE_PAYER, sent, None
 
 
 def compact(w):
