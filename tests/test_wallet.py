@@ -214,7 +214,7 @@ def test_signed_payments_rebuild_the_exact_bytes_both_devices_signed(rig):
     payee_cert = protocol.verify_cert(rig.payee.cert, rig.world.issuer.public)
     assert [r[0] for r in payer_side] == [wire.ROLE_PAYER] * 3 and [r[0] for r in payee_side] == [wire.ROLE_PAYEE] * 3
     assert payer_side[2][2] is None  # no receipt reached the payer
-    for (_, pay, rc), (_, pay2, rc2) in zip(payer_side, payee_side):
+    for (_, pay, rc), (_, pay2, rc2) in zip(payer_side, payee_side, strict=True):
         assert pay == pay2  # the same payment from both ledgers
         p = protocol.verify_payment(pay, payer_cert)  # signed by the payer's key, independently checked
         assert protocol.verify_receipt(rc2, payee_cert, pay).status == reasons.OK
