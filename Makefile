@@ -14,7 +14,7 @@ export MICROPYTHON
 FW_SRC := $(shell find firmware -name '*.py' 2>/dev/null)
 BUILD := build/firmware
 
-.PHONY: all venv firmware lint test test-long bench deploy deploy-files clean
+.PHONY: all venv firmware lint test test-long bench demo deploy deploy-files clean
 
 all: test
 
@@ -41,6 +41,10 @@ test-long: firmware lint
 
 bench: firmware
 	$(PY) -m tests.bench
+
+# The seed's example in simulation: a terminal shows a QR, a card pays $100.00 over the virtual BLE radio.
+demo: firmware
+	$(PY) -m paytoken_host.demo
 
 # Hardware only. `deploy` installs the board's micropython-lib packages with mip (board.json "mip"), writes
 # the firmware's ROMFS image to the romfs partition (the code then runs in place from flash, not the heap;
