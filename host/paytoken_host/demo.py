@@ -24,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from paytoken import base45, wire
@@ -38,17 +40,25 @@ class DemoError(Exception):
     pass
 
 
+Launcher = Callable[[str], tuple[list[str], dict[str, str]]]  # heapsize -> (argv, environment) running main.py
+
+
+def files_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
+    """main.py with the firmware's .mpy files on the path (cwd: the built firmware), as `make deploy-files`."""
+    return [simdevice.micropython_command(), "-X", f"heapsize={heap}", "main.py"], dict(
+        os.environ, MICROPYPATH=".frozen:lib")
+
+
 class Device:
     """One simulated device: main.py in its own process; its event lines and screen frames, in order."""
 
-    def __init__(self, name: str, firmware: Path, heap: str, env: dict[str, str]):
+    def __init__(self, name: str, firmware: Path, heap: str, env: dict[str, str], launch: Launcher = files_launcher):
         self.name = name
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("PAYTOKEN_SIM_")}
-        self.proc = subprocess.Popen(
-            [simdevice.micropython_command(), "-X", f"heapsize={heap}", "main.py"],
-            cwd=firmware, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(clean, MICROPYPATH=".frozen:lib", PAYTOKEN_SIM_TERM="1", **env),
-        )
+        argv, base = launch(heap)
+        base = {k: v for k, v in base.items() if not k.startswith("PAYTOKEN_SIM_")}
+        self.proc = subprocess.Popen(argv, cwd=firmware, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=dict(base, PAYTOKEN_SIM_TERM="1", **env))
+        self.cpu_start = 0.0
         self.items: queue.Queue[tuple[str, object] | None] = queue.Queue()
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -93,6 +103,14 @@ class Device:
                 raise DemoError(f"{self.name}: {item[1][0]} {item[1][1]}")
             if item[0] == "event" and item[1][0] == event:
                 return item[1][1]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the device's process so far (Linux /proc)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -162,55 +180,80 @@ def export(image: Path, firmware: Path) -> tuple[int, list[tuple[int, bytes, byt
     return balance, payments
 
 
-def run(out_dir: Path, amount: int, balance: int, interval_ms: float, heap: str, firmware: Path, out) -> dict:
+@dataclass
+class Payment:
+    """What one simulated payment did: timings, CPU, bytes over the air, the devices' logs."""
+
+    seconds: float = 0.0  # from the QR read off the screen to both records durable (both "paid" events)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per device over the same span
+    air: dict[str, int] = field(default_factory=dict)  # ATT bytes over the air: to_payee, to_payer, pdus
+    paid: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, simdevice.DeviceKeys] = field(default_factory=dict)
+    logs: dict[str, list[str]] = field(default_factory=dict)
+
+
+def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_000, interval_ms: float = 30,
+        heaps: dict[str, str] | None = None, launch: Launcher = files_launcher, show=None, out=None) -> Payment:
+    """Provision a payee terminal and a payer card in out_dir, run one payment between them, return what it did.
+    DemoError when a device fails, halts or stalls (the devices' last lines in the message)."""
     from paytoken_host.simradio.broker import RadioConfig
+
+    heaps = heaps or {"payer": "512K", "payee": "512K"}
+    show = show or (lambda name, item: None)
+
+    def say(text: str) -> None:
+        if out is not None:
+            print(text, file=out)
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    show = printer(out)
     auth = simdevice.Authority()
-    payer_keys, payee_keys = auth.device(wire.ROLE_PAYER), auth.device(wire.ROLE_PAYEE)
-    print(f"provisioning a payee terminal and a payer card (test issuer; card loaded with ${balance / 100:.2f})",
-          file=out)
-    simdevice.provision(out_dir / "payee.img", auth, payee_keys, config={"name": "payee", "amount": amount},
+    result = Payment(keys={"payer": auth.device(wire.ROLE_PAYER), "payee": auth.device(wire.ROLE_PAYEE)})
+    say(f"provisioning a payee terminal and a payer card (test issuer; card loaded with ${balance / 100:.2f})")
+    simdevice.provision(out_dir / "payee.img", auth, result.keys["payee"], config={"name": "payee", "amount": amount},
                         firmware=firmware)
-    simdevice.provision(out_dir / "payer.img", auth, payer_keys, [auth.voucher(payer_keys, 1, balance)],
-                        {"name": "payer"}, firmware)
+    simdevice.provision(out_dir / "payer.img", auth, result.keys["payer"],
+                        [auth.voucher(result.keys["payer"], 1, balance)], {"name": "payer"}, firmware)
     (out_dir / "scanner").write_text("")
     (out_dir / "buttons").write_text("")
     devices: list[Device] = []
     with BrokerThread(config=RadioConfig(interval_ms=interval_ms)) as radio:
         try:
-            payee = Device("payee", firmware, heap, {"PAYTOKEN_SIM_FLASH": str(out_dir / "payee.img"),
-                                                     "PAYTOKEN_SIM_DISPLAY": str(out_dir / "payee_screen.png"),
-                                                     "PAYTOKEN_RADIO": radio.address})
+            env = {"PAYTOKEN_RADIO": radio.address}
+            payee = Device("payee", firmware, heaps["payee"], dict(
+                env, PAYTOKEN_SIM_FLASH=str(out_dir / "payee.img"),
+                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payee_screen.png")), launch)
             devices.append(payee)
+            payer = Device("payer", firmware, heaps["payer"], dict(
+                env, PAYTOKEN_SIM_FLASH=str(out_dir / "payer.img"), PAYTOKEN_SIM_SCANNER=str(out_dir / "scanner"),
+                PAYTOKEN_SIM_BUTTONS=str(out_dir / "buttons"),
+                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payer_screen.png")), launch)
+            devices.append(payer)
             qr = payee.until("qr", show)
+            payer.until("ready", show)
             shutil.copy(out_dir / "payee_screen.png", out_dir / "payee_qr.png")
             text = read_qr(out_dir / "payee_qr.png")
-            print(f"\nzxing-cpp read the terminal's QR: {text}", file=out)
             if wire.decode_qr(base45.decode(text)).nonce.hex() != qr["nonce"]:
                 raise DemoError("the QR on the screen is not the one the terminal announced")
-            payer = Device("payer", firmware, heap, {"PAYTOKEN_SIM_FLASH": str(out_dir / "payer.img"),
-                                                     "PAYTOKEN_SIM_SCANNER": str(out_dir / "scanner"),
-                                                     "PAYTOKEN_SIM_BUTTONS": str(out_dir / "buttons"),
-                                                     "PAYTOKEN_SIM_DISPLAY": str(out_dir / "payer_screen.png"),
-                                                     "PAYTOKEN_RADIO": radio.address})
-            devices.append(payer)
-            payer.until("ready", show)
-            print("\nthe card's scanner sees the QR", file=out)
+            say(f"\nzxing-cpp read the terminal's QR: {text}\nthe card's scanner sees it")
+            t0 = time.monotonic()
+            cpu0 = {d.name: d.cpu_seconds() for d in devices}
             with open(out_dir / "scanner", "a") as f:
                 f.write(text + "\n")
             payer.until("ask", show)
-            print("\nthe card holder presses CONFIRM", file=out)
+            say("\nthe card holder presses CONFIRM")  # at once: the span measured is the system's alone
             with open(out_dir / "buttons", "a") as f:
                 f.write("confirm\n")
-            paid = payer.until("paid", show)
+            result.paid = payer.until("paid", show)
             payee.until("paid", show)
-            print(f"\npaid: {paid}", file=out)
-            # the last screens
-            time.sleep(0.3)
+            result.seconds = time.monotonic() - t0
+            result.cpu = {d.name: d.cpu_seconds() - cpu0[d.name] for d in devices}
+            links = radio.links(all=True)
+            result.air = {"to_payee": sum(k["stats"]["c2p"]["bytes"] for k in links),
+                          "to_payer": sum(k["stats"]["p2c"]["bytes"] for k in links),
+                          "pdus": sum(k["stats"]["c2p"]["pdus"] + k["stats"]["p2c"]["pdus"] for k in links)}
+            time.sleep(0.3)  # the last screens
             for d in devices:
                 while not d.items.empty():
                     item = d.items.get()
@@ -219,7 +262,15 @@ def run(out_dir: Path, amount: int, balance: int, interval_ms: float, heap: str,
         finally:
             for d in devices:
                 d.stop()
-    summary = summarise(out_dir, firmware, payer_keys, payee_keys)
+                result.logs[d.name] = d.lines
+    return result
+
+
+def run(out_dir: Path, amount: int, balance: int, interval_ms: float, heap: str, firmware: Path, out) -> dict:
+    result = pay(out_dir, firmware, amount, balance, interval_ms, {"payer": heap, "payee": heap},
+                 show=printer(out), out=out)
+    print(f"\npaid in {result.seconds:.2f} s from the QR scan to both records stored", file=out)
+    summary = summarise(out_dir, firmware, result.keys["payer"], result.keys["payee"])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
