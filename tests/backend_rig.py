@@ -102,6 +102,7 @@ class Device:
     rcvd: int = 0
     last_sent: tuple | None = None  # (counter, payment bytes)
     sent_log: list = field(default_factory=list)  # [seq, amount, voided]
+    attach: dict = field(default_factory=dict)  # seq -> (payment, receipt) as recorded, for raw_batch
 
     def sign(self, body: bytes) -> bytes:
         return protocol.sign(self.key, body)
@@ -122,6 +123,18 @@ class Device:
 
     def batch(self, since: int | None = None, certs: tuple = ()) -> str:
         return F.build_batch(self.path, self.cert, self.sign, since, certs)
+
+    def raw_batch(self, since: int = 0) -> str:
+        """A batch of the ledger as it is, with the payment and receipt bytes kept when they were recorded (no
+        recomputation: a test can make a device whose signed payments disagree with its ledger)."""
+        led = Ledger(self.path)
+        try:
+            recs = [F.Record(s, bytes(p), *self.attach.get(s, (None, None))) for s, p in led.records(since + 1)]
+            base, (upto, h) = led.hash_at(since), led.head
+        finally:
+            led.close()
+        head = self.sign(F.sync_head_body(self.device_id, since, base, upto, h))
+        return F.batch_json(self.device_id, since, base, recs, head)
 
     def apply(self, raw: bytes) -> None:
         """Stores a backend message as the wallet would (without its refusal checks)."""
@@ -174,23 +187,26 @@ def record_sent(payer: Device, payment: bytes) -> int:
     payer.offline_spent += p.amount
     payer.last_sent = (p.counter, payment)
     payer.sent_log.append([seq, p.amount, False])
+    payer.attach[seq] = (payment, None)
     return seq
 
 
 def record_rcvd(payee: Device, payment: bytes, status: int = reasons.OK, t: int = NOW) -> bytes:
     p = wire.decode_payment(payment)
     receipt = payee.sign(wire.receipt_body(hashlib.sha256(payment).digest(), status, payee.rcvd + 1, t))
-    payee.append(bytes((F.K_RCVD,)) + struct.pack(
+    seq = payee.append(bytes((F.K_RCVD,)) + struct.pack(
         F.RCVD_FMT, p.payer_id, p.amount, p.currency, p.counter, p.offline_spent, p.prev_hash, p.qr_nonce,
         p.handshake_hash, p.time, wire.signature(payment), status, t))
     payee.rcvd += 1
+    payee.attach[seq] = (payment, receipt)
     return receipt
 
 
 def record_result(payer: Device, receipt: bytes) -> None:
     rc = wire.decode_receipt(receipt)
-    payer.append(bytes((F.K_RESULT,)) + struct.pack(F.RESULT_FMT, rc.status, rc.payee_seq, rc.time,
-                                                    wire.signature(receipt)))
+    seq = payer.append(bytes((F.K_RESULT,)) + struct.pack(F.RESULT_FMT, rc.status, rc.payee_seq, rc.time,
+                                                          wire.signature(receipt)))
+    payer.attach[seq] = (None, receipt)
     if rc.status != reasons.OK:
         payer.offline_spent -= payer.sent_log[-1][1]
         payer.sent_log[-1][2] = True
