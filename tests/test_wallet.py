@@ -196,3 +196,17 @@ def test_payer_memory_forgets_the_oldest_and_matches_whole_ids_only(mp):
     mp.exec("_pm2 = wallet._PayerMemory(2)\n_pm2.put(b'AAAABBBB', 1, 1)\n_pm2.put(b'CCCCDDDD', 2, 2)")
     assert mp.eval("_pm2.get(b'BBBBCCCC')") is None
     assert mp.eval("_pm2.get(memoryview(b'xCCCCDDDD')[1:])") == [2, 2]
+
+
+def test_live_wallet_names_its_payments_right_after_compaction(rig):
+    # Compaction moves the checkpoint's counter: the txids of SENT records left must count on from it at once,
+    # not only after a reopen, or a status for the next payment would find nothing.
+    rig.pay(1_000)
+    seq, chain = rig.call("list(pw.ledger.head)")
+    assert rig.call(f"pw.apply_update({rig.world.ack(rig.payer, seq, chain)!r})") is True
+    assert rig.call("pw.compact()") is True
+    rig.pay(2_000)
+    txid = wire.txid(rig.payer.device_id, 2)
+    assert rig.call("[r[1] for r in pw.history()]") == [txid]
+    assert rig.call(f"pw.apply_update({rig.world.status(rig.payer, txid, wire.ST_SETTLED)!r})") is True
+    assert rig.call("[r[3] for r in pw.history()]") == ["settled"]

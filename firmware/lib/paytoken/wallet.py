@@ -422,6 +422,8 @@ class Wallet:
             return False
         snapshot = self._state_at(upto)
         self.ledger.compact(upto, snapshot)
+        # txids of the SENT records left are counted from the checkpoint's counter (as after a reopen)
+        self._snap_counter = struct.unpack_from(_SNAP, snapshot, 0)[1]
         return True
 
     def _state_at(self, upto):
