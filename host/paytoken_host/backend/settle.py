@@ -196,9 +196,9 @@ class Settlement:
         self._write(ctx, v, me, events, synced)
         new_records = b.upto_seq - synced
         result.update(new_records=new_records, synced_seq=b.upto_seq)
-        seen = {o.payment.txid for o in obs}
+        seen = list(dict.fromkeys(o.payment.txid for o in obs))  # in ledger order
         result["payments"] = [{"txid": t.hex(), "state": ctx.rows[t]["state"], "reason": ctx.rows[t]["reason"]}
-                              for t in sorted(seen)]
+                              for t in seen]
         result["settled"] = len(ctx.settled)
         if ctx.forks:
             result["forks"] = ctx.forks
