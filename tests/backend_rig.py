@@ -256,17 +256,49 @@ def start_server(db_url: str, key_path: str, port: int, workers: int = 2, extra_
            **(extra_env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "paytoken_host.backend.cli", "serve", "--db", db_url,
                              "--backend-key", key_path, "--port", str(port), "--workers", str(workers)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import httpx
 
     deadline = time.time() + 30
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read().decode()}")
+            raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.1)
-    proc.kill()
+    stop_server(proc)
     raise RuntimeError("server did not start")
+
+
+def stop_server(proc: subprocess.Popen, sig: int = 15) -> None:
+    """Stops the server and its worker processes (its own process group, started for it)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+
+
+def init_cli(db_url: str, world: World, tmp: Path) -> str:
+    """Database and backend key made with the operator's CLI, as a deployment would; returns the key path."""
+    env = {**os.environ, "PAYTOKEN_KEY_PASSPHRASE": "test-passphrase"}
+    pub = tmp / "issuer.pub"
+    pub.write_text(world.issuer.public.hex())
+    key = tmp / "backend.key"
+    from cryptography.hazmat.primitives import serialization
+
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(world.backend_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.BestAvailableEncryption(b"test-passphrase")))
+    subprocess.run([sys.executable, "-m", "paytoken_host.backend.cli", "init", "--db", db_url, "--issuer-pub",
+                    str(pub)], env=env, check=True, capture_output=True)
+    return str(key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
 
@@ -49,7 +50,9 @@ def create_app(backend: Backend | None = None, config: Config | None = None) -> 
     if backend is None:
         engine = db.make_engine(config.db_url)
         key = load_key_file(config.backend_key, passphrase_from_env())
-        backend = Backend(engine, key, expiry=int(config.expiry_days * 86400), upload_rate=config.upload_rate)
+        delay = float(os.environ.get("PAYTOKEN_TEST_COMMIT_DELAY", "0"))  # tests: a crash window before commit
+        backend = Backend(engine, key, expiry=int(config.expiry_days * 86400), upload_rate=config.upload_rate,
+                          commit_hook=(lambda: time.sleep(delay)) if delay else None)
     be = backend
 
     @asynccontextmanager
