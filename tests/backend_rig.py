@@ -250,13 +250,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db_url: str, key_path: str, port: int, workers: int = 2, extra_env: dict | None = None
-                 ) -> subprocess.Popen:
+def start_server(db_url: str, key_path: str, port: int, workers: int = 2, extra_env: dict | None = None,
+                 log: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "PAYTOKEN_KEY_PASSPHRASE": "test-passphrase", "PAYTOKEN_BACKGROUND_INTERVAL": "0",
            **(extra_env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "paytoken_host.backend.cli", "serve", "--db", db_url,
-                             "--backend-key", key_path, "--port", str(port), "--workers", str(workers)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             "--backend-key", key_path, "--port", str(port), "--workers", str(workers),
+                             "--log-level", "error"],
+                            env=env, stdout=subprocess.DEVNULL, start_new_session=True,
+                            stderr=open(log or os.devnull, "ab"))  # noqa: SIM115 (the child owns it)
     import httpx
 
     deadline = time.time() + 30

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from paytoken import wire
@@ -121,18 +123,18 @@ class Backend:
 
     # ---- devices and relays ----
     def check_rate(self, client: str) -> None:
+        """Counts an upload from this address in the current minute (one upsert, shared by all workers)."""
         now = self.now()
         R = db.rate_limits
         window = now // 60
         with db.write_tx(self.engine) as conn:
-            n = conn.execute(select(R.c.count).where((R.c.key == client) & (R.c.window == window))).scalar()
-            if n is None:
-                conn.execute(insert(R).values(key=client, window=window, count=1))
-                conn.execute(R.delete().where(R.c.window < window - 1))
-            else:
-                if n >= self.upload_rate:
-                    raise Reject(429, f"rate limit: at most {self.upload_rate} uploads a minute from one address")
-                conn.execute(update(R).where((R.c.key == client) & (R.c.window == window)).values(count=n + 1))
+            ins = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(R)
+            n = conn.execute(ins.values(key=client, window=window, count=1).on_conflict_do_update(
+                index_elements=[R.c.key, R.c.window], set_={"count": R.c.count + 1}).returning(R.c.count)).scalar()
+            if n == 1:
+                conn.execute(R.delete().where((R.c.key == client) & (R.c.window < window - 1)))
+        if n > self.upload_rate:
+            raise Reject(429, f"rate limit: at most {self.upload_rate} uploads a minute from one address")
 
     def upload(self, body: bytes) -> tuple[int, dict]:
         try:

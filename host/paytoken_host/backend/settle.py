@@ -161,6 +161,13 @@ class Settlement:
         for _, kind, data in v.events:
             if kind in (F.K_SENT, F.K_RCVD):
                 ids.update((data.payment.payer_id, data.payment.payee_id))
+        # Payees of the involved payers' unsettled payments get settled here too: lock them in the same
+        # ordered round (a later, out-of-order lock could deadlock with another upload).
+        P = db.payments
+        payers = sorted({d.payment.payer_id for _, k, d in v.events if k in (F.K_SENT, F.K_RCVD)})
+        if payers:
+            ids.update(conn.execute(select(P.c.payee_id).distinct().where(
+                P.c.payer_id.in_(payers) & P.c.state.in_(("pending", "held")))).scalars())
         devs = lock_devices(conn, ids)
         me = devs[dev_id]
         if me["revoked_at"] is not None:
