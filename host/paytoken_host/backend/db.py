@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.pool import NullPool
 
@@ -109,7 +110,9 @@ payments = Table(
     Column("payee_upd", BigInteger),
     Index("ix_payments_payer", "payer_id", "payer_upd"),
     Index("ix_payments_payee", "payee_id", "payee_upd"),
-    Index("ix_payments_state", "state", "expires_at"),
+    # only the few payments waiting for a receipt are indexed for the expiry sweep
+    Index("ix_payments_pending", "expires_at", sqlite_where=text("state = 'pending'"),
+          postgresql_where=text("state = 'pending'")),
 )
 
 conflicts = Table(

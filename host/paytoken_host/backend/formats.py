@@ -205,6 +205,15 @@ def parse_batch(body: bytes | str) -> Batch:
     return Batch(device_id, base_seq, base_hash, records, certs, head)
 
 
+def counterparties(batch: Batch) -> set[bytes]:
+    """Device ids a batch's payment records name (payees of SENT, payers of RCVD)."""
+    out = set()
+    for r in batch.records:
+        if r.payload and r.payload[0] in (K_SENT, K_RCVD) and len(r.payload) >= 9:
+            out.add(r.payload[1:9])
+    return out
+
+
 def batch_json(device_id: bytes, base_seq: int, base_hash: bytes, records: Iterable[Record], head: bytes,
                certs: Iterable[bytes] = ()) -> str:
     out = []

@@ -5,7 +5,7 @@ balance is the sum of its lines. Accounts: `bank` (the bank's side of the money 
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from paytoken_host.backend import db
 
@@ -36,9 +36,9 @@ def post(conn: Connection, kind: str, ref: str, lines: dict[str, int], now: int)
     if lines:
         conn.execute(insert(db.journal_lines), [{"entry_id": entry, "account": a, "amount": v}
                                                  for a, v in sorted(lines.items())])
-        for name, amount in sorted(lines.items()):
-            conn.execute(update(db.accounts).where(db.accounts.c.name == name)
-                         .values(balance=db.accounts.c.balance + amount))
+        conn.execute(update(db.accounts).where(db.accounts.c.name == bindparam("b_name"))
+                     .values(balance=db.accounts.c.balance + bindparam("b_amount")),
+                     [{"b_name": a, "b_amount": v} for a, v in sorted(lines.items())])
     return entry
 
 

@@ -26,8 +26,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, any_, bindparam, insert, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from paytoken import reasons, wire
@@ -44,6 +46,18 @@ _DEVICE_STATE = ("synced_seq", "synced_hash", "payer_counter", "prev_hash", "off
                  "rcvd_count", "acked_upto", "vouchers_seen", "update_seq", "revoked_at", "revoke_reason")
 
 
+@lru_cache(maxsize=1 << 16)
+def txid(payer_id: bytes, counter: int) -> bytes:
+    return wire.txid(payer_id, counter)
+
+
+def in_(conn: Connection, col, values: list):
+    """col IN values; on PostgreSQL as = ANY(array), one parameter however long the list."""
+    if conn.dialect.name == "postgresql":
+        return col == any_(bindparam(None, list(values), type_=ARRAY(col.type)))
+    return col.in_(values)
+
+
 def prev_hash_of(payment_raw: bytes) -> bytes:
     return payment_raw[48:80]
 
@@ -54,7 +68,7 @@ def is_retryable(e: DBAPIError) -> bool:
 
 
 def lock_devices(conn: Connection, ids: set[bytes]) -> dict[bytes, dict]:
-    q = select(db.devices).where(db.devices.c.device_id.in_(sorted(ids))).order_by(db.devices.c.device_id)
+    q = select(db.devices).where(in_(conn, db.devices.c.device_id, sorted(ids))).order_by(db.devices.c.device_id)
     if not db.is_sqlite(conn):
         q = q.with_for_update()
     return {r.device_id: dict(r._mapping) for r in conn.execute(q)}
@@ -89,6 +103,7 @@ class Ctx:
     alerts: list[dict] = field(default_factory=list)
     conflicts: list[dict] = field(default_factory=list)
     balances: dict[str, int] = field(default_factory=dict)
+    orig: dict[bytes, dict] = field(default_factory=dict)  # device rows as locked, to write back only changes
 
     def alert(self, kind: str, detail: str, device_id: bytes | None = None, txid: bytes | None = None) -> None:
         self.alerts.append({"kind": kind, "device_id": device_id, "txid": txid, "detail": detail,
@@ -167,7 +182,7 @@ class Settlement:
         payers = sorted({d.payment.payer_id for _, k, d in v.events if k in (F.K_SENT, F.K_RCVD)})
         if payers:
             ids.update(conn.execute(select(P.c.payee_id).distinct().where(
-                P.c.payer_id.in_(payers) & P.c.state.in_(("pending", "held")))).scalars())
+                in_(conn, P.c.payer_id, payers) & P.c.state.in_(("pending", "held")))).scalars())
         devs = lock_devices(conn, ids)
         me = devs[dev_id]
         if me["revoked_at"] is not None:
@@ -194,12 +209,16 @@ class Settlement:
 
         events = [e for e in v.events if e[0] > synced]
         ctx = Ctx(conn, now, self.expiry, devs, {})
+        ctx.orig = {k: dict(d) for k, d in devs.items()}
         obs = [d for _, k, d in events if k in (F.K_SENT, F.K_RCVD)]
         self._preload(ctx, obs, me)
         self._replay_device(ctx, v, me, events, synced)
-        payers = {o.payment.payer_id for o in obs}
-        for payer in sorted(payers):
-            self._evaluate(ctx, payer)
+        by_payer: dict[bytes, list[dict]] = defaultdict(list)
+        for r in ctx.rows.values():
+            if r["state"] in ("pending", "held"):
+                by_payer[r["payer_id"]].append(r)
+        for payer in sorted({o.payment.payer_id for o in obs}):
+            self._evaluate(ctx, payer, by_payer.get(payer, []))
         self._write(ctx, v, me, events, synced)
         new_records = b.upto_seq - synced
         result.update(new_records=new_records, synced_seq=b.upto_seq)
@@ -237,24 +256,28 @@ class Settlement:
         for o in obs:
             p = o.payment
             want.add(p.txid)
-            want.add(wire.txid(p.payer_id, p.counter + 1))
+            want.add(txid(p.payer_id, p.counter + 1))
             if p.counter > 1:
-                want.add(wire.txid(p.payer_id, p.counter - 1))
+                want.add(txid(p.payer_id, p.counter - 1))
         if me["last_sent"] is not None:
             want.add(me["last_sent"])
         P = db.payments
         want_l = sorted(want)
-        for i in range(0, len(want_l), 900):
-            for r in conn.execute(select(P).where(P.c.txid.in_(want_l[i:i + 900]))):
+        step = 100_000 if conn.dialect.name == "postgresql" else 900
+        for i in range(0, len(want_l), step):
+            for r in conn.execute(select(P).where(in_(conn, P.c.txid, want_l[i:i + step]))):
                 ctx.rows[r.txid] = dict(r._mapping)
         payers = sorted({o.payment.payer_id for o in obs})
         if payers:
-            for r in conn.execute(select(P).where(P.c.payer_id.in_(payers) & P.c.state.in_(("pending", "held")))):
+            for r in conn.execute(select(P).where(in_(conn, P.c.payer_id, payers)
+                                                  & P.c.state.in_(("pending", "held")))):
                 ctx.rows.setdefault(r.txid, dict(r._mapping))
         extra = {r["payee_id"] for r in ctx.rows.values()} | {r["payer_id"] for r in ctx.rows.values()}
         extra -= set(ctx.devs)
         if extra:
-            ctx.devs.update(lock_devices(conn, extra))
+            more = lock_devices(conn, extra)
+            ctx.devs.update(more)
+            ctx.orig.update({k: dict(d) for k, d in more.items()})
         # certificates of everyone involved, for the limits
         for dev in ctx.devs.values():
             ctx.certs[dev["device_id"]] = wire.decode_cert(dev["cert"])
@@ -398,8 +421,8 @@ class Settlement:
             self._fork(ctx, p.payer_id, f"fork: payer {p.payer_id.hex()} counter {p.counter} starts a broken chain",
                        p.txid)
             return
-        before = ctx.rows.get(wire.txid(p.payer_id, p.counter - 1)) if p.counter > 1 else None
-        after = ctx.rows.get(wire.txid(p.payer_id, p.counter + 1))
+        before = ctx.rows.get(txid(p.payer_id, p.counter - 1)) if p.counter > 1 else None
+        after = ctx.rows.get(txid(p.payer_id, p.counter + 1))
         if before is not None and before["payment_hash"] != p.prev_hash:
             self._fork(ctx, p.payer_id, f"fork: payer {p.payer_id.hex()} payment {p.counter} does not chain to "
                        f"payment {p.counter - 1}", p.txid)
@@ -418,10 +441,10 @@ class Settlement:
             if row["payer_id"] == payer_id and row["state"] in ("pending", "held"):
                 ctx.finish(row, "rejected", "payer revoked after a fork", wire.ST_REJECTED, wire.ST_REJECTED)
 
-    def _evaluate(self, ctx: Ctx, payer_id: bytes) -> None:
-        rows = sorted((r for r in ctx.rows.values() if r["payer_id"] == payer_id and r["state"] in ("pending", "held")),
-                      key=lambda r: r["counter"])
-        for row in rows:
+    def _evaluate(self, ctx: Ctx, payer_id: bytes, rows: list[dict]) -> None:
+        for row in sorted(rows, key=lambda r: r["counter"]):
+            if row["state"] not in ("pending", "held"):
+                continue
             payer, payee = ctx.devs[row["payer_id"]], ctx.devs[row["payee_id"]]
             if payer["revoked_at"] is not None:
                 ctx.finish(row, "rejected", f"payer revoked: {payer['revoke_reason']}", wire.ST_REJECTED,
@@ -433,7 +456,7 @@ class Settlement:
                 ctx.finish(row, "rejected", f"payee revoked: {payee['revoke_reason']}", wire.ST_REJECTED,
                            wire.ST_REJECTED)
                 continue
-            if row["counter"] > 1 and wire.txid(payer_id, row["counter"] - 1) not in ctx.rows:
+            if row["counter"] > 1 and txid(payer_id, row["counter"] - 1) not in ctx.rows:
                 continue  # a gap: waits for the payer's earlier payment
             why = self._limits(ctx, row)
             if why:
@@ -442,7 +465,7 @@ class Settlement:
                 continue
             acct = journal.offline(payer_id)
             if acct not in ctx.balances:
-                ctx.balances[acct] = journal.balance(ctx.conn, acct)
+                self._load_balances(ctx)
             if ctx.balances[acct] + ctx.deltas[acct] < row["amount"]:
                 why = "payer's offline balance does not cover it (the device spent money it was never given)"
                 ctx.finish(row, "rejected", why, wire.ST_REJECTED, wire.ST_REJECTED)
@@ -452,6 +475,17 @@ class Settlement:
             ctx.deltas[journal.merchant(row["payee_id"])] += row["amount"]
             ctx.finish(row, "settled", None, wire.ST_SETTLED, wire.ST_SETTLED)
             ctx.settled.append(row)
+
+    def _load_balances(self, ctx: Ctx) -> None:
+        """The offline balances of every payer with a payment waiting, in one query."""
+        names = sorted({journal.offline(r["payer_id"]) for r in ctx.rows.values() if r["state"] == "held"})
+        A = db.accounts
+        for i in range(0, len(names), 900):
+            for name, bal in ctx.conn.execute(select(A.c.name, A.c.balance).where(
+                    in_(ctx.conn, A.c.name, names[i:i + 900]))):
+                ctx.balances[name] = bal
+        for name in names:
+            ctx.balances.setdefault(name, 0)
 
     def _limits(self, ctx: Ctx, row: dict) -> str | None:
         p = wire.decode_payment(row["payment"])
@@ -490,9 +524,13 @@ class Settlement:
             }, ctx.now)
         self._write_rows(ctx)
         me["synced_seq"], me["synced_hash"] = b.upto_seq, b.head.chain_hash
-        for dev in ctx.devs.values():
-            values = {k: dev[k] for k in _DEVICE_STATE}
-            conn.execute(update(db.devices).where(db.devices.c.device_id == dev["device_id"]).values(**values))
+        changed = [dev for dev in ctx.devs.values() if any(dev[k] != ctx.orig[dev["device_id"]][k]
+                                                           for k in _DEVICE_STATE)]
+        if changed:
+            stmt = update(db.devices).where(db.devices.c.device_id == bindparam("b_id")).values(
+                **{k: bindparam("b_" + k) for k in _DEVICE_STATE})
+            conn.execute(stmt, [{"b_id": d["device_id"], **{"b_" + k: d[k] for k in _DEVICE_STATE}}
+                                for d in sorted(changed, key=lambda d: d["device_id"])])
         blob = b"".join(struct.pack(">H", len(r.payload)) + r.payload for r in b.records if r.seq > synced)
         conn.execute(insert(db.uploads).values(device_id=b.device_id, base_seq=synced, upto_seq=b.upto_seq,
                                                chain_hash=b.head.chain_hash, head=b.head.raw, records=blob,
@@ -502,7 +540,11 @@ class Settlement:
     def _write_rows(self, ctx: Ctx) -> None:
         conn = ctx.conn
         if ctx.new:
-            conn.execute(insert(db.payments), [ctx.rows[t] for t in sorted(ctx.new)])
+            rows = [ctx.rows[t] for t in sorted(ctx.new)]
+            if conn.dialect.name == "postgresql" and len(rows) > 20:
+                copy_rows(conn, db.payments, rows)
+            else:
+                conn.execute(insert(db.payments), rows)
         if ctx.dirty:
             stmt = update(db.payments).where(db.payments.c.txid == bindparam("b_txid")).values(
                 **{k: bindparam("b_" + k) for k in _MUTABLE})
@@ -555,6 +597,15 @@ class Settlement:
                     "payments": [{"txid": t.hex(), "payer": r["payer_id"].hex(), "amount": r["amount"]}
                                  for t, r in ctx.rows.items()]}, now)
         return done
+
+
+def copy_rows(conn: Connection, table, rows: list[dict]) -> None:
+    """Bulk insert with PostgreSQL's COPY (binary): one round trip for a whole batch of rows, in the transaction."""
+    cols = [c.name for c in table.columns]
+    cur = conn.connection.driver_connection.cursor()
+    with cur.copy(f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
+        for r in rows:
+            copy.write_row([r[c] for c in cols])
 
 
 def register_cert(conn: Connection, cert: wire.Certificate, now: int) -> bool:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 14:35:47.903053
+Create Date: 2026-11-25 14:55:53.588086
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def upgrade() -> None:
     with op.batch_alter_table('payments', schema=None) as batch_op:
         batch_op.create_index('ix_payments_payee', ['payee_id', 'payee_upd'], unique=False)
         batch_op.create_index('ix_payments_payer', ['payer_id', 'payer_upd'], unique=False)
-        batch_op.create_index('ix_payments_state', ['state', 'expires_at'], unique=False)
+        batch_op.create_index('ix_payments_pending', ['expires_at'], unique=False,
+                              sqlite_where=sa.text("state = 'pending'"),
+                              postgresql_where=sa.text("state = 'pending'"))
 
     op.create_table('rate_limits',
     sa.Column('key', sa.String(length=128), nullable=False),
@@ -203,7 +205,7 @@ def downgrade() -> None:
     op.drop_table('revocations')
     op.drop_table('rate_limits')
     with op.batch_alter_table('payments', schema=None) as batch_op:
-        batch_op.drop_index('ix_payments_state')
+        batch_op.drop_index('ix_payments_pending')
         batch_op.drop_index('ix_payments_payer')
         batch_op.drop_index('ix_payments_payee')
 
