@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from sqlalchemy import Connection, Engine, any_, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, any_, bindparam, insert, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -46,6 +46,10 @@ _DEVICE_STATE = ("synced_seq", "synced_hash", "payer_counter", "prev_hash", "off
                  "rcvd_count", "acked_upto", "vouchers_seen", "update_seq", "revoked_at", "revoke_reason")
 
 
+_SPENT = struct.Struct(">I")  # payment offsets (protocol.md section 4): offline spending at 44, time at 120
+_TIME = _SPENT
+
+
 @lru_cache(maxsize=1 << 16)
 def txid(payer_id: bytes, counter: int) -> bytes:
     return wire.txid(payer_id, counter)
@@ -58,20 +62,38 @@ def in_(conn: Connection, col, values: list):
     return col.in_(values)
 
 
+def rows_where_any(conn: Connection, table, col: str, values: list, extra: str = "", lock: bool = False
+                   ) -> list[dict]:
+    """SELECT * FROM table WHERE col = ANY(values) [extra], as dicts. On PostgreSQL the list goes as one binary
+    array parameter (psycopg's text arrays of bytea escape every element: slow for hundreds of ids)."""
+    if conn.dialect.name != "postgresql":
+        q = select(table).where(table.c[col].in_(values))
+        if extra:
+            q = q.where(text(extra))
+        return [dict(r._mapping) for r in conn.execute(q)]
+    cur = conn.connection.driver_connection.cursor()
+    sql = f"SELECT * FROM {table.name} WHERE {col} = ANY(%b) {('AND ' + extra) if extra else ''}"
+    if lock:
+        sql += f" ORDER BY {col} FOR UPDATE"
+    cur.execute(sql, [list(values)])
+    names = [d.name for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
 def prev_hash_of(payment_raw: bytes) -> bytes:
     return payment_raw[48:80]
 
 
-def is_retryable(e: DBAPIError) -> bool:
-    code = getattr(getattr(e, "orig", None), "sqlstate", None)
+def is_retryable(e: Exception) -> bool:
+    """A deadlock or serialization failure (PostgreSQL) or a busy SQLite: the transaction can simply run again.
+    Raw psycopg errors (COPY, binary arrays) carry sqlstate themselves, SQLAlchemy's wrap it in .orig."""
+    code = getattr(e, "sqlstate", None) or getattr(getattr(e, "orig", None), "sqlstate", None)
     return code in ("40001", "40P01") or "database is locked" in str(e)
 
 
 def lock_devices(conn: Connection, ids: set[bytes]) -> dict[bytes, dict]:
-    q = select(db.devices).where(in_(conn, db.devices.c.device_id, sorted(ids))).order_by(db.devices.c.device_id)
-    if not db.is_sqlite(conn):
-        q = q.with_for_update()
-    return {r.device_id: dict(r._mapping) for r in conn.execute(q)}
+    """The device rows, locked FOR UPDATE in device-id order (PostgreSQL; SQLite's writer holds the database)."""
+    return {r["device_id"]: r for r in rows_where_any(conn, db.devices, "device_id", sorted(ids), lock=True)}
 
 
 def revoke_device(conn: Connection, dev: dict, reason: str, now: int) -> bool:
@@ -104,10 +126,17 @@ class Ctx:
     conflicts: list[dict] = field(default_factory=list)
     balances: dict[str, int] = field(default_factory=dict)
     orig: dict[bytes, dict] = field(default_factory=dict)  # device rows as locked, to write back only changes
+    _names: dict[bytes, str] = field(default_factory=dict)
 
     def alert(self, kind: str, detail: str, device_id: bytes | None = None, txid: bytes | None = None) -> None:
         self.alerts.append({"kind": kind, "device_id": device_id, "txid": txid, "detail": detail,
                             "created_at": self.now})
+
+    def merchant(self, device_id: bytes) -> str:
+        name = self._names.get(device_id)
+        if name is None:
+            name = self._names[device_id] = journal.merchant(device_id)
+        return name
 
     def touch(self, row: dict) -> None:
         if row["txid"] not in self.new:
@@ -156,8 +185,8 @@ class Settlement:
             except IntegrityError:
                 if attempt == 7:
                     raise
-            except DBAPIError as e:
-                if not is_retryable(e) or attempt == 7:
+            except Exception as e:
+                if not (isinstance(e, DBAPIError) or hasattr(e, "sqlstate")) or not is_retryable(e) or attempt == 7:
                     raise
             time.sleep(0.005 * (attempt + 1))
         raise RuntimeError("unreachable")
@@ -265,13 +294,12 @@ class Settlement:
         want_l = sorted(want)
         step = 100_000 if conn.dialect.name == "postgresql" else 900
         for i in range(0, len(want_l), step):
-            for r in conn.execute(select(P).where(in_(conn, P.c.txid, want_l[i:i + step]))):
-                ctx.rows[r.txid] = dict(r._mapping)
+            for r in rows_where_any(conn, P, "txid", want_l[i:i + step]):
+                ctx.rows[r["txid"]] = r
         payers = sorted({o.payment.payer_id for o in obs})
         if payers:
-            for r in conn.execute(select(P).where(in_(conn, P.c.payer_id, payers)
-                                                  & P.c.state.in_(("pending", "held")))):
-                ctx.rows.setdefault(r.txid, dict(r._mapping))
+            for r in rows_where_any(conn, P, "payer_id", payers, "state IN ('pending', 'held')"):
+                ctx.rows.setdefault(r["txid"], r)
         extra = {r["payee_id"] for r in ctx.rows.values()} | {r["payer_id"] for r in ctx.rows.values()}
         extra -= set(ctx.devs)
         if extra:
@@ -442,6 +470,7 @@ class Settlement:
                 ctx.finish(row, "rejected", "payer revoked after a fork", wire.ST_REJECTED, wire.ST_REJECTED)
 
     def _evaluate(self, ctx: Ctx, payer_id: bytes, rows: list[dict]) -> None:
+        acct = None
         for row in sorted(rows, key=lambda r: r["counter"]):
             if row["state"] not in ("pending", "held"):
                 continue
@@ -463,7 +492,8 @@ class Settlement:
                 ctx.finish(row, "rejected", why, wire.ST_REJECTED, wire.ST_REJECTED)
                 ctx.alert("rejected", f"payment {row['txid'].hex()}: {why}", payer_id, row["txid"])
                 continue
-            acct = journal.offline(payer_id)
+            if acct is None:
+                acct = journal.offline(payer_id)
             if acct not in ctx.balances:
                 self._load_balances(ctx)
             if ctx.balances[acct] + ctx.deltas[acct] < row["amount"]:
@@ -472,7 +502,7 @@ class Settlement:
                 ctx.alert("overspend", f"payment {row['txid'].hex()}: {why}", payer_id, row["txid"])
                 continue
             ctx.deltas[acct] -= row["amount"]
-            ctx.deltas[journal.merchant(row["payee_id"])] += row["amount"]
+            ctx.deltas[ctx.merchant(row["payee_id"])] += row["amount"]
             ctx.finish(row, "settled", None, wire.ST_SETTLED, wire.ST_SETTLED)
             ctx.settled.append(row)
 
@@ -488,23 +518,25 @@ class Settlement:
             ctx.balances.setdefault(name, 0)
 
     def _limits(self, ctx: Ctx, row: dict) -> str | None:
-        p = wire.decode_payment(row["payment"])
-        payer, payee = ctx.certs[p.payer_id], ctx.certs[p.payee_id]
+        raw = row["payment"]
+        amount, currency, offline_spent, t = row["amount"], row["currency"], _SPENT.unpack_from(raw, 44)[0], \
+            _TIME.unpack_from(raw, 120)[0]
+        payer, payee = ctx.certs[row["payer_id"]], ctx.certs[row["payee_id"]]
         if not payer.role & wire.ROLE_PAYER:
             return "payer's certificate lacks the payer role"
         if not payee.role & wire.ROLE_PAYEE:
             return "payee's certificate lacks the payee role"
-        if p.currency != payer.currency or p.currency != payee.currency:
+        if currency != payer.currency or currency != payee.currency:
             return "currency differs from the certificates"
-        if p.amount == 0:
+        if amount == 0:
             return "amount is zero"
-        if p.amount > payer.limit_payment:
-            return f"amount {p.amount} over the per-payment limit {payer.limit_payment}"
-        if p.offline_spent + p.amount > payer.limit_offline:
-            return f"offline spending {p.offline_spent + p.amount} over the limit {payer.limit_offline}"
-        if p.time:
+        if amount > payer.limit_payment:
+            return f"amount {amount} over the per-payment limit {payer.limit_payment}"
+        if offline_spent + amount > payer.limit_offline:
+            return f"offline spending {offline_spent + amount} over the limit {payer.limit_offline}"
+        if t:
             for who, c in (("payer", payer), ("payee", payee)):
-                if not c.not_before <= p.time <= c.not_after:
+                if not c.not_before <= t <= c.not_after:
                     return f"{who}'s certificate was not valid at the payment's time"
         return None
 
