@@ -27,7 +27,7 @@ from paytoken_host.backend.service import ISSUER_SETTING, Backend
 BATCH = 500
 PAYERS_PER_BATCH = 50  # each pays 10 times: chains of 10 counters per payer in every batch
 SIGS_PER_PAYMENT = 2
-CLIENTS = 8
+CLIENTS = 4
 
 
 def _verify_loop(seconds: float) -> int:
