@@ -7,6 +7,8 @@ upgrade) and on PostgreSQL relies on row locks (`lock_devices`, SELECT ... FOR U
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -234,16 +236,36 @@ def make_engine(url: str, pool_size: int = 8) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # no pre-ping (a round trip per checkout on the hot path): connections are recycled instead, and a request
+    # that meets a dropped connection fails and is retried by its caller like any other.
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=600)
+
+
+def _writer_lock_path(engine: Engine) -> str | None:
+    db_file = engine.url.database if engine.dialect.name == "sqlite" else None
+    return db_file + "-writer" if db_file and db_file != ":memory:" else None
 
 
 @contextmanager
 def write_tx(engine: Engine) -> Iterator[Connection]:
-    """One write transaction: committed when the block ends, rolled back if it raises."""
-    with engine.connect() as conn:
-        conn = conn.execution_options(write=True)
-        with conn.begin():
-            yield conn
+    """One write transaction: committed when the block ends, rolled back if it raises.
+
+    On a SQLite file, writers of all processes first queue on an flock beside the database: SQLite's own busy
+    handler polls with sleeps of up to 100 ms, a blocked flock wakes the moment the lock is free."""
+    lock_path = _writer_lock_path(engine)
+    fd = None
+    if lock_path:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(write=True)
+            with conn.begin():
+                yield conn
+    finally:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 @contextmanager

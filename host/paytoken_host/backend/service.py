@@ -155,16 +155,11 @@ class Backend:
         self.prefetch_certs({batch.device_id} | F.counterparties(batch))
         v = verify_batch(batch, self.cert_of, self.issuer_pub, self.backend_pub)
         status, result = self.settlement.apply(v)
-        if "synced_seq" in result and result["synced_seq"] > 0:
-            dev = self._device_row(batch.device_id)
-            if dev["synced_seq"] >= result["synced_seq"]:
-                result["ack"] = self._ack(dev).hex()
+        synced = result.pop("_synced", None)  # (seq, chain hash) the device's records are held up to
+        if synced and synced[0] > 0:
+            result["ack"] = self._ack({"device_id": batch.device_id, "synced_seq": synced[0],
+                                       "synced_hash": synced[1]}).hex()
         return status, result
-
-    def _device_row(self, device_id: bytes) -> dict:
-        with db.read_tx(self.engine) as conn:
-            row = conn.execute(select(db.devices).where(db.devices.c.device_id == device_id)).first()
-        return dict(row._mapping)
 
     def _ack(self, dev: dict) -> bytes:
         return protocol.sign(self.key, wire.ack_body(dev["device_id"], dev["synced_seq"], dev["synced_hash"],

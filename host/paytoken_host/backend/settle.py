@@ -225,7 +225,7 @@ class Settlement:
                 (db.uploads.c.device_id == dev_id) & (db.uploads.c.upto_seq == b.upto_seq))).scalar()
             same = prior == b.head.chain_hash or (b.upto_seq == synced and me["synced_hash"] == b.head.chain_hash)
             if same:
-                result.update(duplicate=True, synced_seq=synced)
+                result.update(duplicate=True, synced_seq=synced, _synced=(synced, me["synced_hash"]))
                 return 200, result
             if prior is not None:
                 return self._ledger_fork(conn, me, b, now, result)
@@ -250,7 +250,7 @@ class Settlement:
             self._evaluate(ctx, payer, by_payer.get(payer, []))
         self._write(ctx, v, me, events, synced)
         new_records = b.upto_seq - synced
-        result.update(new_records=new_records, synced_seq=b.upto_seq)
+        result.update(new_records=new_records, synced_seq=b.upto_seq, _synced=(b.upto_seq, b.head.chain_hash))
         seen = list(dict.fromkeys(o.payment.txid for o in obs))  # in ledger order
         result["payments"] = [{"txid": t.hex(), "state": ctx.rows[t]["state"], "reason": ctx.rows[t]["reason"]}
                               for t in seen]
