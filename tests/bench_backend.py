@@ -112,6 +112,33 @@ def setup_database(url: str, issuer: protocol.Issuer, backend_key, payer_certs: 
     engine.dispose()
 
 
+def _cpu_seconds(match) -> float:
+    """CPU time (user + system) of the processes whose pid and command line match, from /proc (Linux)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if match(int(pid), fields, cmd):
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _server_cpu(pgid: int) -> float:
+    return _cpu_seconds(lambda pid, fields, cmd: int(fields[2]) == pgid)  # field 5 of stat: process group
+
+
+def _postgres_cpu() -> float:
+    return _cpu_seconds(lambda pid, fields, cmd: cmd.startswith("postgres"))
+
+
 def run_server_bench(url: str, key_path: str, batches: list[str]) -> dict:
     from tests.backend_rig import free_port, start_server, stop_server
 
@@ -132,16 +159,19 @@ def run_server_bench(url: str, key_path: str, batches: list[str]) -> dict:
                     raise RuntimeError(f"upload failed: {r.status_code} {r.text[:300]}")
                 return dt, r.json()["settled"]
 
+            cpu0 = (_server_cpu(server.pid), _postgres_cpu())
             t0 = time.perf_counter()
             with ThreadPoolExecutor(CLIENTS) as pool:
                 for dt, n in pool.map(post, batches):
                     latencies.append(dt)
                     settled += n
             wall = time.perf_counter() - t0
+            cpu = (_server_cpu(server.pid) - cpu0[0], _postgres_cpu() - cpu0[1])
     finally:
         stop_server(server)
     latencies.sort()
     return {"settled": settled, "wall_s": wall, "per_s": settled / wall,
+            "server_us": cpu[0] / settled * 1e6, "db_us": cpu[1] / settled * 1e6,
             "p50_ms": statistics.median(latencies) * 1000,
             "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000}
 
@@ -155,9 +185,9 @@ def run_backend(rows: list[dict], n_batches: int = 24) -> None:
     print(f"\n== Settlement backend (HTTP API, 2 uvicorn workers, {CLIENTS} concurrent relays, "
           f"batches of {BATCH} payee records)")
     rate, cores = raw_verify_rate()
-    limit = rate / SIGS_PER_PAYMENT
-    print(f"raw limit: {rate:,.0f} P-256 verifications/s on {cores} cores / {SIGS_PER_PAYMENT} signatures per "
-          f"payment = {limit:,.0f} payments/s")
+    print(f"raw limit: P-256 verifications/s with cryptography on {cores} cores ({rate:,.0f} now) / "
+          f"{SIGS_PER_PAYMENT} signatures per payment, measured again before each run (limit/s); "
+          f"CPU per settled payment: 2 verifications take {2e6 * cores / rate:.0f} us")
     tmp = Path(tempfile.mkdtemp(prefix="paytoken-bench-"))
     try:
         issuer = protocol.Issuer()
@@ -167,8 +197,8 @@ def run_backend(rows: list[dict], n_batches: int = 24) -> None:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(b"test-passphrase")))
         os.chmod(key_path, 0o600)
-        header = f"{'database':12} {'payments':>9} {'settled/s':>10} {'of limit':>9} {'target':>8} " \
-                 f"{'p50 ms':>8} {'p99 ms':>8}"
+        header = f"{'database':12} {'payments':>9} {'limit/s':>8} {'settled/s':>10} {'of limit':>9} {'target':>8} " \
+                 f"{'p50 ms':>8} {'p99 ms':>8} {'server CPU us':>14} {'db CPU us':>10}"
         print(header)
         print("-" * len(header))
         targets = {"postgresql": 0.60}
@@ -185,6 +215,9 @@ def run_backend(rows: list[dict], n_batches: int = 24) -> None:
                 url, cleanup = d.url, d.cleanup
             try:
                 setup_database(url, issuer, backend_key, payer_certs, payee_certs)
+                # the limit measured right before each run: another load on the machine lowers both alike
+                rate, cores = raw_verify_rate()
+                limit = rate / SIGS_PER_PAYMENT
                 res = run_server_bench(url, str(key_path), batches)
             finally:
                 if cleanup:
@@ -192,11 +225,14 @@ def run_backend(rows: list[dict], n_batches: int = 24) -> None:
             share = res["per_s"] / limit
             target = targets.get(kind)
             met = "" if target is None else (" ok" if share >= target else " MISS")
-            print(f"{kind:12} {res['settled']:>9} {res['per_s']:>10,.0f} {share:>8.0%} "
-                  f"{'>= 60%' if target else '':>8} {res['p50_ms']:>8.0f} {res['p99_ms']:>8.0f}{met}", flush=True)
+            print(f"{kind:12} {res['settled']:>9} {limit:>8,.0f} {res['per_s']:>10,.0f} {share:>8.0%} "
+                  f"{'>= 60%' if target else '':>8} {res['p50_ms']:>8.0f} {res['p99_ms']:>8.0f} "
+                  f"{res['server_us']:>14.0f} {res['db_us'] if kind != 'sqlite' else 0:>10.0f}{met}", flush=True)
             rows.append({"measure": f"backend settled payments/s, {kind}", "value": round(res["per_s"]),
                          "raw_limit": round(limit), "share": round(share, 3), "target": target,
                          "p50_upload_ms": round(res["p50_ms"]), "p99_upload_ms": round(res["p99_ms"]),
+                         "server_cpu_us_per_payment": round(res["server_us"]),
+                         "db_cpu_us_per_payment": round(res["db_us"]) if kind != "sqlite" else None,
                          "payments": res["settled"]})
         if "postgresql" not in kinds:
             print(f"(PostgreSQL not reachable at {PG_URL}: measured on SQLite only)")

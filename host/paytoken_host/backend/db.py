@@ -137,7 +137,8 @@ uploads = Table(
     Column("upto_seq", BigInteger, nullable=False),
     Column("chain_hash", LargeBinary(32), nullable=False),
     Column("head", LargeBinary, nullable=False),
-    Column("records", LargeBinary, nullable=False),  # the new records' payloads, each u16 length + bytes
+    # the new records other than payment records (those are in payments): each seq u32, length u16, payload
+    Column("records", LargeBinary, nullable=False),
     Column("received_at", BigInteger, nullable=False),
     UniqueConstraint("device_id", "upto_seq", name="uq_uploads_device_upto"),
 )

@@ -563,7 +563,10 @@ class Settlement:
                 **{k: bindparam("b_" + k) for k in _DEVICE_STATE})
             conn.execute(stmt, [{"b_id": d["device_id"], **{"b_" + k: d[k] for k in _DEVICE_STATE}}
                                 for d in sorted(changed, key=lambda d: d["device_id"])])
-        blob = b"".join(struct.pack(">H", len(r.payload)) + r.payload for r in b.records if r.seq > synced)
+        # Payment records (SENT, RESULT, RCVD) are rebuilt byte for byte from the payments table (payment and
+        # receipt bytes); the others are kept here, each as seq u32, length u16, payload.
+        blob = b"".join(struct.pack(">IH", r.seq, len(r.payload)) + r.payload for r in b.records
+                        if r.seq > synced and r.payload[0] not in (F.K_SENT, F.K_RESULT, F.K_RCVD))
         conn.execute(insert(db.uploads).values(device_id=b.device_id, base_seq=synced, upto_seq=b.upto_seq,
                                                chain_hash=b.head.chain_hash, head=b.head.raw, records=blob,
                                                received_at=ctx.now))
