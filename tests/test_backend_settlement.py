@@ -112,6 +112,18 @@ def test_sent_unconfirmed_settles_when_the_payee_uploads(env):
     assert statuses(backend, payer) == {txid: wire.ST_SETTLED}
 
 
+def test_expiry_holds_even_before_the_sweep_runs(env):
+    world, backend, clock = env
+    payer, payee = setup(world, backend)
+    txid = pay(payer, payee, 4_000, receipt_to_payer=False)
+    backend.upload(payer.batch().encode())
+    clock.t += 31 * DAY  # expired; no sweep yet
+    status, res = backend.upload(payee.batch().encode())
+    assert res["settled"] == 0 and state(backend, txid) == "refunded"
+    assert statuses(backend, payer) == {txid: wire.ST_REFUNDED}
+    assert statuses(backend, payee) == {txid: wire.ST_REJECTED}
+
+
 def test_sent_unconfirmed_is_refunded_after_the_expiry_and_a_late_credit_rejected(env):
     world, backend, clock = env
     payer, payee = setup(world, backend)
@@ -380,6 +392,18 @@ def test_certificates_expired_foreign_or_revoked(env):
     with pytest.raises(Reject) as e:
         backend.upload(payee.batch().encode())
     assert e.value.status == 403
+    payer2 = world.device(wire.ROLE_PAYER)
+    backend.register(payer2.cert)
+    payer2.apply(bytes.fromhex(backend.issue_voucher(payer2.device_id, 5_000)["voucher"]))
+    other = world.device(wire.ROLE_PAYEE)
+    backend.register(other.cert)
+    t_open = pay(payer2, other, 700, receipt_to_payer=False, payee_keeps=False)  # sent-unconfirmed
+    backend.upload(payer2.batch().encode())
+    assert state(backend, t_open) == "pending"
+    assert backend.revoke(payer2.device_id, "reported stolen")["changed"] is True
+    assert backend.revoke(payer2.device_id, "again")["changed"] is False
+    assert backend.payment(t_open)["reason"] == "payer revoked: reported stolen"
+    assert statuses(backend, other) == {t_open: wire.ST_REJECTED}
     with pytest.raises(Reject) as e:
         backend.issue_voucher(payer.device_id, 2**32)
     assert e.value.status == 422

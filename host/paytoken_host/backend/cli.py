@@ -121,7 +121,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"set {PASSPHRASE_ENV} to the backend key's passphrase", file=sys.stderr)
         return 1
     uvicorn.run("paytoken_host.backend.api:app_from_env", factory=True, host=a.host, port=a.port,
-                workers=a.workers, log_level=a.log_level, access_log=False)
+                workers=a.workers, log_level=a.log_level, access_log=False, proxy_headers=True,
+                forwarded_allow_ips=a.forwarded_allow_ips)
     return 0
 
 
@@ -140,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (stateless; share the db)")
     s.add_argument("--backend-key", default=None, help=f"backend signing key file (passphrase: ${PASSPHRASE_ENV})")
     s.add_argument("--log-level", default="warning")
+    s.add_argument("--forwarded-allow-ips", default="127.0.0.1",
+                   help="load balancers whose X-Forwarded-For is trusted (the upload rate limit is per client)")
     s.set_defaults(fn=cmd_serve)
 
     s = with_db(sub.add_parser("init", help="create or migrate the database; trust an issuer key"))

@@ -15,7 +15,7 @@ from paytoken import wire
 from paytoken_host import protocol
 from paytoken_host.backend import db, journal, outbox
 from paytoken_host.backend import formats as F
-from paytoken_host.backend.settle import DAY, Settlement, lock_devices, register_cert, revoke_device
+from paytoken_host.backend.settle import DAY, Settlement, lock_devices, register_cert
 from paytoken_host.backend.verify import Reject, check_cert, verify_batch
 
 ISSUER_SETTING = "issuer_pub"
@@ -83,15 +83,7 @@ class Backend:
         return {"device_id": cert.device_id.hex(), "created": created, "role": cert.role}
 
     def revoke(self, device_id: bytes, reason: str) -> dict:
-        with db.write_tx(self.engine) as conn:
-            devs = lock_devices(conn, {device_id})
-            if device_id not in devs:
-                raise Reject(404, "unknown device")
-            changed = revoke_device(conn, devs[device_id], reason, self.now())
-            if changed:
-                conn.execute(insert(db.alerts).values(kind="revoked", device_id=device_id,
-                                                      detail=f"revoked by an operator: {reason}",
-                                                      created_at=self.now()))
+        changed = self.settlement.revoke(device_id, reason)
         return {"device_id": device_id.hex(), "revoked": True, "changed": changed}
 
     def issue_voucher(self, device_id: bytes, amount: int, idempotency_key: str | None = None) -> dict:

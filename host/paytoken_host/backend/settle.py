@@ -427,6 +427,9 @@ class Settlement:
         if rc is None:
             return
         if row["receipt"] is None:
+            if row["state"] == "pending" and row["expires_at"] is not None and row["expires_at"] < ctx.now:
+                # expired before this upload, even if the sweep has not run yet: refunded, never settled
+                ctx.finish(row, "refunded", "no receipt from the payee before the expiry", wire.ST_REFUNDED, None)
             row["receipt"], row["receipt_status"] = rc.raw, rc.status
             ctx.touch(row)
             if row["state"] == "pending":
@@ -601,6 +604,32 @@ class Settlement:
                                                      payee_id=c["payee_id"], payee_upd=upd))
         if ctx.alerts:
             conn.execute(insert(db.alerts), ctx.alerts)
+
+    # ---- operator revocation ----
+    def revoke(self, device_id: bytes, reason: str) -> bool:
+        """Revokes a device and rejects its payments not yet settled (as payer); False if it was revoked already."""
+        now = int(self.clock())
+        P = db.payments
+        with db.write_tx(self.engine) as conn:
+            payees = set(conn.execute(select(P.c.payee_id).distinct().where(
+                (P.c.payer_id == device_id) & P.c.state.in_(("pending", "held")))).scalars())
+            devs = lock_devices(conn, {device_id} | payees)
+            if device_id not in devs:
+                raise Reject(404, "unknown device")
+            ctx = Ctx(conn, now, self.expiry, devs, {})
+            changed = revoke_device(conn, devs[device_id], reason, now)
+            for r in rows_where_any(conn, P, "payer_id", [device_id], "state IN ('pending', 'held')"):
+                if r["payee_id"] in devs:
+                    ctx.rows[r["txid"]] = r
+                    ctx.finish(r, "rejected", f"payer revoked: {reason}", wire.ST_REJECTED, wire.ST_REJECTED)
+            self._write_rows(ctx)
+            for dev in devs.values():
+                conn.execute(update(db.devices).where(db.devices.c.device_id == dev["device_id"])
+                             .values(update_seq=dev["update_seq"]))
+            if changed:
+                conn.execute(insert(db.alerts).values(kind="revoked", device_id=device_id,
+                                                      detail=f"revoked by an operator: {reason}", created_at=now))
+        return changed
 
     # ---- expiry of sent-unconfirmed payments ----
     def expire(self, limit: int = 500) -> int:
