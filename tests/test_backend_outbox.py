@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -132,3 +133,22 @@ def test_no_settlement_is_lost_while_the_bank_is_down(env):
     backend.issue_voucher(payer.device_id, 1)
     assert outbox.deliver_due(backend.engine, bank.url, b"wrong", clock=clock) == (0, 1)
     assert bank.bad_signatures == 1 and len(pending(backend)) == 1
+
+
+def test_each_worker_delivers_the_outbox_in_the_background(env):
+    from fastapi.testclient import TestClient
+
+    from paytoken_host.backend.api import create_app
+    from paytoken_host.backend.config import Config
+
+    world, backend, clock, bank = env
+    payer = world.device(wire.ROLE_PAYER)
+    backend.register(payer.cert)
+    backend.issue_voucher(payer.device_id, 3_000)
+    bank.start()
+    config = Config(bank_url=bank.url, bank_secret=SECRET.decode(), background_interval=0.05)
+    with TestClient(create_app(backend, config)):
+        deadline = time.time() + 10
+        while not bank.applied and time.time() < deadline:
+            time.sleep(0.05)
+    assert list(bank.applied) == [f"voucher:{payer.device_id.hex()}:1"] and pending(backend) == []
