@@ -9,6 +9,8 @@ image, as `make deploy` puts it on an ESP32's romfs partition: there only the wo
 All heap figures are for the 64-bit unix port (8-byte pointers, 32-byte GC blocks); the same objects are
 smaller on the 32-bit ESP32 (4-byte pointers, 16-byte blocks).
 The host column is the `cryptography` package on CPython for the same operation.
+The last table is the settlement backend's (tests/bench_backend.py): settled payments per second through its HTTP
+API on SQLite and PostgreSQL beside the machine's P-256 verification limit.
 """
 
 from __future__ import annotations
@@ -408,6 +410,9 @@ def main() -> int:
     run_apps(rows)
     run_ledger(rows)
     run_ops("\n== QR code and screens (MicroPython unix port)", ui_ops(), rows)
+    from tests.bench_backend import run_backend
+
+    run_backend(rows)
     out = fwbuild.ROOT / "build" / "bench.json"
     out.write_text(json.dumps(rows, indent=2))
     print(f"\n(rows also written to {out.relative_to(fwbuild.ROOT)})")

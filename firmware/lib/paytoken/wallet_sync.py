@@ -213,6 +213,8 @@ def compact(w):
         return False
     snapshot = _state_at(w, upto)
     w.ledger.compact(upto, snapshot)
+    # txids of the SENT records left are counted from the checkpoint's counter (as after a reopen)
+    w._snap_counter = struct.unpack_from(_SNAP, snapshot, 0)[1]
     return True
 
 

@@ -1,0 +1,289 @@
+"""The backend's storage: SQLAlchemy Core tables and engines for SQLite (WAL) and PostgreSQL (psycopg 3).
+
+All state lives here; the service processes keep none (docs/deployment.md). Writes go through `write_tx`, which
+on SQLite takes the database's write lock at BEGIN (BEGIN IMMEDIATE, so two writers never deadlock on a lock
+upgrade) and on PostgreSQL relies on row locks (`lock_devices`, SELECT ... FOR UPDATE in device-id order).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.pool import NullPool
+
+metadata = MetaData()
+
+settings = Table(
+    "settings", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+devices = Table(
+    "devices", metadata,
+    Column("device_id", LargeBinary(8), primary_key=True),
+    Column("role", Integer, nullable=False),
+    Column("cert", LargeBinary, nullable=False),
+    Column("currency", Integer, nullable=False),
+    Column("registered_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger),
+    Column("revoke_reason", Text),
+    # ledger sync: the device's records the backend holds and has verified
+    Column("synced_seq", BigInteger, nullable=False, default=0),
+    Column("synced_hash", LargeBinary(32), nullable=False),
+    # the device's replay state after synced_seq (wallet.py's rules)
+    Column("payer_counter", BigInteger, nullable=False, default=0),
+    Column("prev_hash", LargeBinary(32), nullable=False),
+    Column("offline_spent", BigInteger, nullable=False, default=0),
+    Column("last_sent", LargeBinary(16)),  # txid of the newest SENT awaiting its RESULT
+    Column("rcvd_count", BigInteger, nullable=False, default=0),
+    Column("acked_upto", BigInteger, nullable=False, default=0),
+    Column("vouchers_issued", BigInteger, nullable=False, default=0),
+    Column("vouchers_seen", BigInteger, nullable=False, default=0),
+    Column("update_seq", BigInteger, nullable=False, default=0),  # cursor of the statuses told to this device
+)
+
+accounts = Table(
+    "accounts", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("balance", BigInteger, nullable=False, default=0),
+)
+
+journal_entries = Table(
+    "journal_entries", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),
+    Column("ref", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+journal_lines = Table(
+    "journal_lines", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("entry_id", BigInteger, ForeignKey("journal_entries.id"), nullable=False, index=True),
+    Column("account", String(64), nullable=False),
+    Column("amount", BigInteger, nullable=False),  # debit > 0, credit < 0; each entry sums to 0
+)
+
+payments = Table(
+    "payments", metadata,
+    Column("txid", LargeBinary(16), primary_key=True),  # unique per (payer, counter): a counter settles once
+    Column("payer_id", LargeBinary(8), nullable=False),
+    Column("payee_id", LargeBinary(8), nullable=False),
+    Column("counter", BigInteger, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", Integer, nullable=False),
+    Column("payment_hash", LargeBinary(32), nullable=False),
+    Column("payment", LargeBinary, nullable=False),
+    Column("receipt", LargeBinary),
+    Column("receipt_status", Integer),
+    Column("payer_seq", BigInteger),  # ledger seq of the payer's SENT record, once the payer uploaded it
+    Column("payer_result", Integer),  # receipt status the payer's own ledger recorded (RESULT), if any
+    Column("state", String(16), nullable=False),  # pending held settled voided refunded rejected
+    Column("reason", Text),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger),
+    Column("final_at", BigInteger),
+    Column("entry_id", BigInteger),
+    Column("payer_status", Integer),
+    Column("payer_upd", BigInteger),
+    Column("payee_status", Integer),
+    Column("payee_upd", BigInteger),
+    Index("ix_payments_payer", "payer_id", "payer_upd"),
+    Index("ix_payments_payee", "payee_id", "payee_upd"),
+    # only the few payments waiting for a receipt are indexed for the expiry sweep
+    Index("ix_payments_pending", "expires_at", sqlite_where=text("state = 'pending'"),
+          postgresql_where=text("state = 'pending'")),
+)
+
+conflicts = Table(
+    "conflicts", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("txid", LargeBinary(16), nullable=False, index=True),
+    Column("payment", LargeBinary, nullable=False),
+    Column("receipt", LargeBinary),
+    Column("reason", Text, nullable=False),
+    Column("detected_at", BigInteger, nullable=False),
+    Column("payee_id", LargeBinary(8)),  # the payee told that its copy is rejected
+    Column("payee_upd", BigInteger),
+)
+
+uploads = Table(
+    "uploads", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("device_id", LargeBinary(8), nullable=False),
+    Column("base_seq", BigInteger, nullable=False),
+    Column("upto_seq", BigInteger, nullable=False),
+    Column("chain_hash", LargeBinary(32), nullable=False),
+    Column("head", LargeBinary, nullable=False),
+    # the new records other than payment records (those are in payments): each seq u32, length u16, payload
+    Column("records", LargeBinary, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    UniqueConstraint("device_id", "upto_seq", name="uq_uploads_device_upto"),
+)
+
+vouchers = Table(
+    "vouchers", metadata,
+    Column("device_id", LargeBinary(8), primary_key=True),
+    Column("counter", BigInteger, primary_key=True),
+    Column("amount", BigInteger, nullable=False),
+    Column("raw", LargeBinary, nullable=False),
+    Column("issued_at", BigInteger, nullable=False),
+    Column("idempotency_key", String(128), unique=True),
+)
+
+revocations = Table(
+    "revocations", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("device_id", LargeBinary(8), nullable=False, unique=True),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+alerts = Table(
+    "alerts", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),
+    Column("device_id", LargeBinary(8)),
+    Column("txid", LargeBinary(16)),
+    Column("detail", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+outbox = Table(
+    "outbox", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(128), nullable=False, unique=True),
+    Column("kind", String(32), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("delivered_at", BigInteger),
+    Column("last_error", Text),
+    Index("ix_outbox_due", "delivered_at", "next_attempt_at"),
+)
+
+api_tokens = Table(
+    "api_tokens", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("token_hash", LargeBinary(32), nullable=False, unique=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger),
+)
+
+nonces = Table(
+    "nonces", metadata,
+    Column("device_id", LargeBinary(8), primary_key=True),
+    Column("nonce", LargeBinary(16), primary_key=True),
+    Column("expires_at", BigInteger, nullable=False),
+)
+
+rate_limits = Table(
+    "rate_limits", metadata,
+    Column("key", String(128), primary_key=True),
+    Column("window", BigInteger, primary_key=True),
+    Column("count", Integer, nullable=False),
+)
+
+
+def is_sqlite(engine: Engine | Connection) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str, pool_size: int = 8) -> Engine:
+    """An engine for a SQLite file (WAL, busy timeout, BEGIN IMMEDIATE for writers) or a PostgreSQL URL
+    (postgresql+psycopg://...; plain postgresql:// is taken to mean psycopg 3)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite"):
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn, _record) -> None:
+            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+
+        return engine
+    # no pre-ping (a round trip per checkout on the hot path): connections are recycled instead, and a request
+    # that meets a dropped connection fails and is retried by its caller like any other.
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=600)
+
+
+def _writer_lock_path(engine: Engine) -> str | None:
+    db_file = engine.url.database if engine.dialect.name == "sqlite" else None
+    return db_file + "-writer" if db_file and db_file != ":memory:" else None
+
+
+@contextmanager
+def write_tx(engine: Engine) -> Iterator[Connection]:
+    """One write transaction: committed when the block ends, rolled back if it raises.
+
+    On a SQLite file, writers of all processes first queue on an flock beside the database: SQLite's own busy
+    handler polls with sleeps of up to 100 ms, a blocked flock wakes the moment the lock is free."""
+    lock_path = _writer_lock_path(engine)
+    fd = None
+    if lock_path:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(write=True)
+            with conn.begin():
+                yield conn
+    finally:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+@contextmanager
+def read_tx(engine: Engine) -> Iterator[Connection]:
+    with engine.connect() as conn:
+        with conn.begin():
+            yield conn
+
+
+def get_setting(conn: Connection, key: str) -> str | None:
+    from sqlalchemy import select
+
+    return conn.execute(select(settings.c.value).where(settings.c.key == key)).scalar()
+
+
+def set_setting(conn: Connection, key: str, value: str) -> None:
+    from sqlalchemy import delete, insert
+
+    conn.execute(delete(settings).where(settings.c.key == key))
+    conn.execute(insert(settings).values(key=key, value=value))

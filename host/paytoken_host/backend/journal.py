@@ -1,0 +1,66 @@
+"""Double-entry journal: every movement of money is one entry whose lines sum to zero, and each account's
+balance is the sum of its lines. Accounts: `bank` (the bank's side of the money held offline), `offline:<device>`
+(a payer's offline balance as the backend sees it: vouchers minus settled spending) and `merchant:<device>`
+(what settled payments owe a payee)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, bindparam, func, insert, select, update
+
+from paytoken_host.backend import db
+
+BANK = "bank"
+
+
+def offline(device_id: bytes) -> str:
+    return "offline:" + device_id.hex()
+
+
+def merchant(device_id: bytes) -> str:
+    return "merchant:" + device_id.hex()
+
+
+def open_accounts(conn: Connection, names: list[str]) -> None:
+    have = set(conn.execute(select(db.accounts.c.name).where(db.accounts.c.name.in_(names))).scalars())
+    missing = [{"name": n, "balance": 0} for n in names if n not in have]
+    if missing:
+        conn.execute(insert(db.accounts), missing)
+
+
+def post(conn: Connection, kind: str, ref: str, lines: dict[str, int], now: int) -> int:
+    """One balanced entry; the accounts must exist (opened at registration). Returns the entry id."""
+    lines = {a: v for a, v in lines.items() if v}
+    if sum(lines.values()) != 0:
+        raise ValueError(f"unbalanced journal entry {kind} {ref}: {lines}")
+    entry = conn.execute(insert(db.journal_entries).values(kind=kind, ref=ref, created_at=now)).inserted_primary_key[0]
+    if lines:
+        conn.execute(insert(db.journal_lines), [{"entry_id": entry, "account": a, "amount": v}
+                                                 for a, v in sorted(lines.items())])
+        conn.execute(update(db.accounts).where(db.accounts.c.name == bindparam("b_name"))
+                     .values(balance=db.accounts.c.balance + bindparam("b_amount")),
+                     [{"b_name": a, "b_amount": v} for a, v in sorted(lines.items())])
+    return entry
+
+
+def balance(conn: Connection, name: str) -> int:
+    return conn.execute(select(db.accounts.c.balance).where(db.accounts.c.name == name)).scalar() or 0
+
+
+def check(conn: Connection) -> list[str]:
+    """Problems found (empty when the books balance): unbalanced entries, account balances that are not the sum
+    of their lines, offline balances below zero, and a ledger whose accounts do not sum to zero."""
+    problems = []
+    jl = db.journal_lines
+    for entry, total in conn.execute(select(jl.c.entry_id, func.sum(jl.c.amount)).group_by(jl.c.entry_id)
+                                     .having(func.sum(jl.c.amount) != 0)):
+        problems.append(f"entry {entry} sums to {total}")
+    sums = dict(conn.execute(select(jl.c.account, func.sum(jl.c.amount)).group_by(jl.c.account)).all())
+    for name, bal in conn.execute(select(db.accounts.c.name, db.accounts.c.balance)):
+        if int(sums.get(name, 0)) != bal:
+            problems.append(f"account {name}: balance {bal}, lines sum to {sums.get(name, 0)}")
+        if name.startswith("offline:") and bal < 0:
+            problems.append(f"account {name}: negative offline balance {bal}")
+    total = conn.execute(select(func.coalesce(func.sum(db.accounts.c.balance), 0))).scalar()
+    if total != 0:
+        problems.append(f"accounts sum to {total}, not 0")
+    return problems
