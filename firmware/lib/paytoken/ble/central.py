@@ -299,7 +299,8 @@ class Central:
             link._fail(CLOSED, "write status %d" % link.wstatus)
             raise LinkError(CLOSED, link._detail)
 
-    def _release(self, link):
+    def _release(self, link, linger=False):
+        # Writes are acknowledged: once send() returned the payee has every frame, nothing to linger for.
         if self._link is link:
             self._disconnect(link.conn)
 

@@ -1,7 +1,7 @@
 # One BLE connection as a paytoken Link (paytoken/link.py): messages cut into frames (paytoken.framing) that
 # cross as ATT writes (payer -> payee) or notifications (payee -> payer). The role that made the connection
 # (peripheral.py or central.py) owns the link: role._write(link, frame) puts one frame on the air, paced and
-# bounded in time; role._release(link) disconnects; role._link_failed(link) hears of a failure seen in the IRQ.
+# bounded in time; role._release(link, linger) disconnects; role._link_failed(link) hears of a failure seen in the IRQ.
 #
 # Receiving happens in the BLE IRQ: _on_frame() feeds each frame to the Reassembler, which copies it into
 # its one preallocated buffer, so nothing waits on the asyncio side between frames and no frame can be lost
@@ -97,10 +97,12 @@ class BleLink:
 
     # --- asyncio side ------------------------------------------------------------------------------------
 
-    def _shutdown(self):
+    def _shutdown(self, linger=False):
+        # linger: the session ended normally; the role may leave the connection up a moment so that frames
+        # still queued in the stack reach the peer (a notification has no acknowledgement to wait for).
         if not self._down:
             self._down = True
-            self._role._release(self)
+            self._role._release(self, linger)
 
     def _error(self):
         self._shutdown()
@@ -154,7 +156,7 @@ class BleLink:
     def close(self):
         """End the session and disconnect; idempotent. Messages already received stay readable."""
         self._fail(CLOSED, "closed")
-        self._shutdown()
+        self._shutdown(True)
 
     async def _wait(self, flag, test, deadline, what):
         # Wait for test() while the link lives; LinkError(TIMEOUT, what) at the deadline (the session ends).

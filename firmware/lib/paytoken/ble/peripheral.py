@@ -37,9 +37,11 @@ _REFUSE = const(2)  # wrote OPEN while a payer is served: BUSY goes out next
 _REFUSED = const(3)  # BUSY sent: disconnected at the deadline unless it leaves first
 _DROP = const(4)  # broke the opening rules: disconnected next
 _GONE = const(5)  # disconnect requested
+_LINGER = const(6)  # its session ended normally: disconnected at the deadline unless it leaves first
 
 ADMIT_MS = const(10000)  # a central has this long from connecting to writing OPEN
 GRACE_MS = const(1000)  # a refused central has this long to leave by itself
+LINGER_MS = const(1000)  # after close(), so that notifications still queued in the stack go out
 NOTIFY_STALL_MS = const(2000)  # a notification refused (ENOMEM) for this long ends the session (TIMEOUT)
 _TICK_MS = const(250)  # housekeeping period
 
@@ -91,11 +93,11 @@ class Peripheral:
         self._adv = gatt.adv_payload(qr_nonce)
         self._advertising = True
         self.ble.gap_advertise(gatt.ADV_INTERVAL_US, adv_data=self._adv, resp_data=self._resp, connectable=True)
-        if self._task is None:
-            self._task = asyncio.create_task(self._housekeeping())
+        self._run()
 
     def stop(self):
-        """Stop advertising and disconnect every central; the served link, if any, ends (CLOSED)."""
+        """Stop advertising and disconnect every central not being served. The served link, if any, is closed
+        (CLOSED); its connection lingers up to LINGER_MS so that its last notifications still go out."""
         self._advertising = False
         try:
             self.ble.gap_advertise(None)
@@ -104,11 +106,17 @@ class Peripheral:
         link = self._link
         if link is not None:
             link.close()
-        for conn in list(self._conns):
-            self._disconnect(conn)
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        for conn, st in list(self._conns.items()):
+            if st[0] != _LINGER and st[0] != _GONE:
+                self._drop(conn, st)
+        self._serving = None
+        self._run()
+
+    def _run(self):
+        # The housekeeping task runs while advertising or while any central is connected.
+        if self._task is None:
+            self._task = asyncio.create_task(self._housekeeping())
+        self._hk_flag.set()
 
     async def accept(self, timeout_ms):
         """The Link of the next payer that opens a session; LinkError(TIMEOUT) if none does in time,
@@ -163,15 +171,20 @@ class Peripheral:
             waited += self._interval_ms
         await asyncio.sleep_ms(0)  # let the stack's and other tasks run between frames
 
-    def _release(self, link):
+    def _release(self, link, linger=False):
         if self._link is link:
             self._link = None
         if self._serving == link.conn:
             self._serving = None
         st = self._conns.get(link.conn)
-        if st is not None:
-            st[0] = _GONE
-        self._disconnect(link.conn)
+        if st is None:
+            return
+        if linger:
+            st[0] = _LINGER
+            st[1] = ticks_add(ticks_ms(), LINGER_MS)
+            self._run()
+        else:
+            self._drop(link.conn, st)
 
     def _link_failed(self, link):
         self._hk_flag.set()  # housekeeping disconnects it now, whatever the app is doing
@@ -185,12 +198,15 @@ class Peripheral:
     # --- housekeeping task: everything the IRQ hands over ----------------------------------------------------
 
     async def _housekeeping(self):
-        while True:
-            try:
-                await asyncio.wait_for_ms(self._hk_flag.wait(), _TICK_MS)
-            except asyncio.TimeoutError:
-                pass
-            self._tend()
+        try:
+            while self._advertising or self._conns:
+                try:
+                    await asyncio.wait_for_ms(self._hk_flag.wait(), _TICK_MS)
+                except asyncio.TimeoutError:
+                    pass
+                self._tend()
+        finally:
+            self._task = None
 
     def _tend(self):
         if self._readvertise:
@@ -215,11 +231,18 @@ class Peripheral:
                     pass  # it is disconnected at the deadline all the same
                 st[0] = _REFUSED
                 st[1] = ticks_add(now, GRACE_MS)
-            elif s == _DROP or ((s == _NEW or s == _REFUSED) and ticks_diff(now, st[1]) >= 0):
-                st[0] = _GONE
+            elif s == _DROP or (s != _SERVED and ticks_diff(now, st[1]) >= 0):
+                if s == _GONE:  # no disconnect event came: forget it
+                    self._conns.pop(conn, None)
+                    continue
                 if self._serving == conn:
                     self._serving = None
-                self._disconnect(conn)
+                self._drop(conn, st)
+
+    def _drop(self, conn, st):
+        st[0] = _GONE
+        st[1] = ticks_add(ticks_ms(), GRACE_MS)
+        self._disconnect(conn)
 
     # --- IRQ (via paytoken.ble.irq) -------------------------------------------------------------------------
 
