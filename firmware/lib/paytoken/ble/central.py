@@ -263,7 +263,8 @@ class Central:
         end = self._nend if self._nend > self._nh else self._end  # the notify characteristic's last handle
         if end > self._nh:
             self._done = 0
-            self.ble.gattc_discover_descriptors(conn, self._nh + 1, end)
+            # NimBLE's ble_gattc_disc_all_dscs takes the value handle and searches from the handle after it.
+            self.ble.gattc_discover_descriptors(conn, self._nh, end)
             await self._until(lambda: self._done == _IRQ_GATTC_DESCRIPTOR_DONE, deadline, "descriptors")
         if not self._cccd:
             raise LinkError(UNREACHABLE, "notify characteristic without CCCD")
