@@ -202,3 +202,183 @@ def test_exchange_largest_mtu_and_unequal_preferences(radio):
     for res in (e, r):
         clean(res)
         check_air(res, sizes, 514)
+
+
+# --------------------------------------------------------------------------- the radio misbehaves
+
+
+def test_notify_pacing_under_enomem(radio):
+    # 228 notifications in a row at MTU 23 with 12 (then 2) transmit buffers: the stack refuses frames with
+    # ENOMEM, the payee sends the same frame again a connection interval later, and nothing is lost.
+    for buffers in (12, 2):
+        radio.config(tx_buffers=buffers)
+        pe, addr = payee(radio, [["recv", 10, 5000], ["send", 4096], ["send", 4096]], kw={"mtu": 23})
+        pr = payer(radio, addr, [["send", 10], ["recv", 4096, 30000], ["recv", 4096, 30000]], kw={"mtu": 23})
+        e, r = results(pe, pr)
+        clean(e)
+        clean(r)
+        assert e["ops"] == ["ok"] * 3 and r["ops"] == ["ok"] * 3
+        assert e["stats"]["frames_out"] == 2 * 228
+        assert e["stats"]["stalls"] > (100 if buffers == 2 else 10), e["stats"]  # paced, never dropped
+
+
+def test_packet_loss(radio):
+    # 20 % of LL packets lost: the link layer retransmits, the messages arrive whole and in order.
+    radio.config(loss=0.2)
+    sizes = [1, 394, 4096]
+    payee_ops, payer_ops = ping_pong(sizes, ms=30000)
+    pe, addr = payee(radio, payee_ops)
+    pr = payer(radio, addr, payer_ops, timeout_ms=15000)
+    link = radio.wait_for(lambda: radio.links(), timeout=15)[0]["link"]
+    e, r = results(pe, pr)
+    for res in (e, r):
+        clean(res)
+        check_air(res, sizes, 244)
+    s = radio.stats(link)["stats"]
+    assert s["c2p"]["retransmissions"] + s["p2c"]["retransmissions"] > 10, s
+
+
+def arm_drop(radio: BrokerThread, after: int) -> None:
+    link = radio.wait_for(lambda: radio.links(), timeout=15)[0]["link"]
+    radio.drop(link, after=after)
+
+
+@pytest.mark.parametrize("sender", ["payer", "payee"])
+def test_link_drop_mid_message(radio, sender):
+    # The radio link drops while one side is half-way through a 4096-byte message (about 40 ATT PDUs in):
+    # the sender's send() and the receiver's recv() raise LinkError(CLOSED), and so does every later call.
+    send = [["sleep", 400], ["send", 4096], ["send", 10], ["recv", 10, 1000]]
+    recv = [["recv", 4096, 20000], ["send", 10], ["recv", 10, 1000]]
+    pe, addr = payee(radio, send if sender == "payee" else recv, kw={"mtu": 23})
+    pr = payer(radio, addr, send if sender == "payer" else recv, kw={"mtu": 23})
+    arm_drop(radio, 60)
+    e, r = results(pe, pr)
+    s, v = (e, r) if sender == "payee" else (r, e)
+    for res in (s, v):
+        clean(res)
+        assert res["closed"]
+    assert s["ops"][0] == "ok" and all(o.startswith("closed") for o in s["ops"][1:]), s["ops"]
+    assert all(o.startswith("closed") for o in v["ops"]), v["ops"]
+    assert 0 < s["stats"]["frames_out"] < 228  # it did break off mid-message
+
+
+def test_peer_closes_mid_message(radio):
+    # The payer closes while the payee is notifying a long message: the payee's send raises CLOSED.
+    pe, addr = payee(radio, [["send", 4096], ["recv", 10, 1000]], kw={"mtu": 23})
+    pr = payer(radio, addr, [["sleep", 150], ["close"], ["recv", 4096, 1000], ["send", 10]], kw={"mtu": 23})
+    e, r = results(pe, pr)
+    clean(e)
+    clean(r)
+    assert e["ops"][0].startswith("closed") and e["ops"][1].startswith("closed"), e["ops"]
+    assert r["ops"][:2] == ["ok", "ok"] and all(o.startswith("closed") for o in r["ops"][2:]), r["ops"]
+    assert 0 < e["stats"]["frames_out"] < 228
+
+
+def test_payer_vanishes_mid_message(radio):
+    # The payer's process dies (no disconnect on the air) while the payee sends: the link layer's
+    # supervision timeout ends the link and the payee's send raises CLOSED.
+    pe, addr = payee(radio, [["recv", 10, 5000], ["send", 4096], ["recv", 10, 5000]], kw={"mtu": 23})
+    pr = payer(radio, addr, [["send", 10], ["sleep", 30000]], kw={"mtu": 23})
+    radio.wait_for(lambda: [x for x in radio.links() if x["stats"]["p2c"]["pdus"] > 30], timeout=15)
+    pr.kill()
+    (e,) = results(pe)
+    clean(e)
+    assert e["ops"][0] == "ok" and e["ops"][1].startswith("closed") and e["ops"][2].startswith("closed"), e["ops"]
+
+
+# --------------------------------------------------------------------------- one payer at a time
+
+
+def test_second_central_refused_busy(radio):
+    # While payer A is served, payer B's connect() gets BUSY and B is disconnected; A's session goes on
+    # undisturbed, and after it the payee serves the next payer (C).
+    pe, addr = payee(radio, [["recv", 100, 8000], ["send", 100]], sessions=2, accept_ms=15000)
+    a = payer(radio, addr, [["sleep", 1500], ["send", 100], ["recv", 100, 8000]], name="payer-a")
+    radio.wait_for(lambda: radio.links(), timeout=10)
+    b = payer(radio, addr, [], name="payer-b", timeout_ms=5000)
+    (rb,) = results(b)
+    (ra,) = results(a)
+    c = payer(radio, addr, [["send", 100], ["recv", 100, 8000]], name="payer-c")
+    rc, e = results(c, pe)
+    for res in (ra, rb, rc, e):
+        clean(res)
+    assert rb["connect"].startswith("busy"), rb
+    assert ra["connect"] == "ok" and ra["ops"] == ["ok"] * 3
+    assert rc["connect"] == "ok" and rc["ops"] == ["ok"] * 2
+    assert e["accept"] == ["ok", "ok"] and e["ops"] == ["ok"] * 2
+    assert [x for x in radio.links(all=True) if x["central"]["name"] == "payer-b"][0]["reason"] is not None
+
+
+# --------------------------------------------------------------------------- finding the payee
+
+
+def test_wrong_address_scan_finds_payee_by_nonce(radio):
+    # The QR's address answers nobody: the payer scans for the service with the nonce's tag and, of two
+    # payees on the air, reaches the one whose QR it holds.
+    other, _ = payee(radio, [], name="payee-other", nonce="1111111111111111", accept_ms=4000)
+    pe, _addr = payee(radio, [["recv", 50, 5000], ["send", 50]], accept_ms=8000)
+    pr = payer(radio, new_addr(), [["send", 50], ["recv", 50, 5000]], timeout_ms=8000)
+    r, e, o = results(pr, pe, other)
+    for res in (r, e, o):
+        clean(res)
+    assert r["connect"] == "ok" and r["via_scan"] and r["ops"] == ["ok", "ok"], r
+    assert e["accept"] == ["ok"] and o["accept"] == ["timeout: no payer"]
+    assert r["connect_ms"] < 5000
+
+
+NOT_A_PAYEE = r"""
+ble.irq(rec)
+ble.active(True)
+((tx, rx),) = ble.gatts_register_services(((SVC, (TX, RX)),))
+ble.gap_advertise(100000, adv(b"speaker"))
+pump(4000)
+result(events=events())
+"""
+
+
+def test_device_without_service_is_unreachable(radio):
+    addr = new_addr()
+    dev = DeviceProcess(radio.address, NOT_A_PAYEE, "speaker", env={"PAYTOKEN_RADIO_ADDR": addr})
+    wait_advertising(radio, "speaker")
+    pr = payer(radio, addr, [], timeout_ms=3000)
+    r, d = results(pr, dev)
+    clean(r)
+    assert r["connect"] == "unreachable: no paytoken service" and r["connect_ms"] < 1500, r
+    assert 1 in d["events"] and 2 in d["events"]  # it was connected to, and left again
+
+
+def test_nobody_there_is_unreachable_in_time(radio):
+    pr = payer(radio, new_addr(), [], timeout_ms=2500)
+    (r,) = results(pr)
+    clean(r)
+    # Half the time on the QR's address, then a scan, within the time given.
+    assert r["connect"].startswith("unreachable") and 1500 <= r["connect_ms"] <= 2700, r
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+def test_accept_times_out(radio):
+    pe, _ = payee(radio, [], accept_ms=300)
+    (e,) = results(pe)
+    clean(e)
+    assert e["accept"] == ["timeout: no payer"]
+
+
+def test_recv_timeout_keeps_the_session(radio):
+    pe, addr = payee(radio, [["sleep", 800], ["send", 5], ["recv", 3, 5000]])
+    pr = payer(radio, addr, [["recv", 5, 300], ["recv", 5, 5000], ["send", 3]])
+    e, r = results(pe, pr)
+    clean(e)
+    clean(r)
+    assert r["ops"] == ["timeout", "ok", "ok"] and e["ops"] == ["ok", "ok", "ok"]
+
+
+def test_connect_times_out_without_ready(radio):
+    # The payee's service is there but nobody accepts: no READY comes, connect() gives up at its deadline.
+    pe, addr = payee(radio, [], no_accept=4000)
+    pr = payer(radio, addr, [], timeout_ms=1500)
+    r, e = results(pr, pe)
+    clean(r)
+    clean(e)
+    assert r["connect"] == "timeout: no READY" and 1450 <= r["connect_ms"] <= 1800, r

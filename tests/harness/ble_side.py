@@ -102,6 +102,10 @@ async def payee(p, res):
     per.start(bytes.fromhex(p["nonce"]))
     res["heap_ready"] = heap() - res["heap_base"]
     res["address"] = [per.address()[0], per.address()[1].hex()]
+    if p.get("no_accept"):  # advertise and let centrals connect, but never serve one
+        await asyncio.sleep_ms(p["no_accept"])
+        per.stop()
+        return
     for _ in range(p.get("sessions", 1)):
         t = time.ticks_ms()
         try:
@@ -116,7 +120,11 @@ async def payee(p, res):
         res["heap_after"] = heap() - res["heap_base"]
         if p.get("close", True):
             link.close()
-    await asyncio.sleep_ms(p.get("linger_ms", 300))
+    # A device keeps running after a session: wait as it would until the payer has left (or the payee's
+    # linger ended the connection), so that notifications still queued in the radio are delivered.
+    t = time.ticks_ms()
+    while per._conns and time.ticks_diff(time.ticks_ms(), t) < 5000:
+        await asyncio.sleep_ms(20)
     if p.get("stop", True):
         per.stop()
     res["irq_error"] = repr(per.irq_error) if per.irq_error else None

@@ -44,11 +44,14 @@ _CONNECTING = const(1)
 _SCANNING = const(2)
 _CONNECTED = const(3)
 
-DIRECT_MS = const(2000)  # one gap_connect attempt (MicroPython's default scan_duration_ms)
+DIRECT_MS = const(2000)  # longest gap_connect attempt (MicroPython's default scan_duration_ms); at most half
+#                          the time given, so that the scan fallback has the rest
 CONN_INTERVAL_US = (15000, 30000)  # requested connection interval: min, max
 SCAN_INTERVAL_US = const(30000)  # scan window = interval: listen all the time while looking for the payee
-WRITE_TIMEOUT_MS = const(5000)  # a write with response unanswered this long ends the session (TIMEOUT)
-WRITE_STALL_MS = const(2000)  # a write refused (ENOMEM) for this long ends the session (TIMEOUT)
+# Both beyond NimBLE's supervision timeout (2.56 s): a payee that vanished is reported as CLOSED by the stack
+# first; these only end a link that stays up without moving.
+WRITE_TIMEOUT_MS = const(6000)  # a write with response unanswered this long ends the session (TIMEOUT)
+WRITE_STALL_MS = const(6000)  # a write refused (ENOMEM) for this long ends the session (TIMEOUT)
 
 
 async def connect(ble, addr_type, addr, nonce, timeout_ms, mtu=gatt.PREFERRED_MTU, max_message=MAX_MESSAGE):
@@ -125,7 +128,7 @@ class Central:
             ble.active(True)
         ble.config(mtu=self.mtu)
         try:
-            if not await self._connect_to(addr_type, addr, deadline):
+            if not await self._connect_to(addr_type, addr, deadline, 2):
                 if not await self._scan(deadline):
                     raise LinkError(UNREACHABLE, "no payee at the address or by its nonce")
                 self.via_scan = True
@@ -190,12 +193,13 @@ class Central:
             except asyncio.TimeoutError:
                 pass
 
-    async def _connect_to(self, addr_type, addr, deadline):
-        # One gap_connect attempt; True once connected, False if it failed or ran out of time.
+    async def _connect_to(self, addr_type, addr, deadline, share=1):
+        # One gap_connect attempt for up to DIRECT_MS and 1/share of the time left; True once connected, False
+        # if it failed or ran out of time.
         left = ticks_diff(deadline, ticks_ms())
         if left <= 0:
             return False
-        dur = min(DIRECT_MS, left)
+        dur = min(DIRECT_MS, left // share)
         self._phase = _CONNECTING
         self._failed = False
         self._conn = None

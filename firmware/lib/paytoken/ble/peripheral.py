@@ -41,8 +41,12 @@ _LINGER = const(6)  # its session ended normally: disconnected at the deadline u
 
 ADMIT_MS = const(10000)  # a central has this long from connecting to writing OPEN
 GRACE_MS = const(1000)  # a refused central has this long to leave by itself
-LINGER_MS = const(1000)  # after close(), so that notifications still queued in the stack go out
-NOTIFY_STALL_MS = const(2000)  # a notification refused (ENOMEM) for this long ends the session (TIMEOUT)
+LINGER_MS = const(3000)  # after close(), so that notifications still queued in the stack go out (the payer
+#                          normally disconnects first, once it has the last message)
+# A notification refused (ENOMEM) for this long ends the session (TIMEOUT). Beyond NimBLE's supervision timeout
+# (2.56 s): buffers stay taken only while the link does not move, and a payer that vanished is reported as
+# CLOSED by the stack first.
+NOTIFY_STALL_MS = const(6000)
 _TICK_MS = const(250)  # housekeeping period
 
 
