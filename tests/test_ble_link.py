@@ -382,3 +382,130 @@ def test_connect_times_out_without_ready(radio):
     clean(r)
     clean(e)
     assert r["connect"] == "timeout: no READY" and 1450 <= r["connect_ms"] <= 1800, r
+
+
+# --------------------------------------------------------------------------- peers that break the rules
+
+# A raw central (radio prelude): connects to ADDR, discovers the payee's service, subscribes and then follows
+# SCRIPT: ("open",) writes OPEN and waits for a notification; ("write", hex) writes one frame (with response).
+ROGUE_CENTRAL = r"""
+from paytoken.ble import gatt
+ble.irq(rec)
+ble.active(True)
+ble.gap_connect(0, ADDR)
+wait(lambda: got(7))
+c = data(7)[0]
+ble.gattc_discover_services(c)
+wait(lambda: got(10))
+start, end = [(d[1], d[2]) for e, d in EV if e == 9 and gatt.SERVICE_UUID in str(d[3]).lower()][0]
+ble.gattc_discover_characteristics(c, start, end)
+wait(lambda: got(12))
+chars = {str(d[4]).lower(): (d[2], d[1]) for e, d in EV if e == 11}
+wh = [v for k, v in chars.items() if gatt.WRITE_UUID in k][0][0]
+nh, nend = [v for k, v in chars.items() if gatt.NOTIFY_UUID in k][0]
+ble.gattc_discover_descriptors(c, nh, nend)
+wait(lambda: got(14))
+cccd = [d[1] for e, d in EV if e == 13 and "2902" in str(d[2]).lower()][0]
+ble.gattc_write(c, cccd, b"\x01\x00", 1)
+wait(lambda: got(17))
+notes = []
+for step in SCRIPT:
+    n = len([1 for e, d in EV if e == 17])
+    if step[0] == "open":
+        k = len([1 for e, d in EV if e == 18])
+        ble.gattc_write(c, wh, gatt.OPEN_FRAME, 1)
+        wait(lambda: got(18, k + 1) or got(8))
+    else:
+        ble.gattc_write(c, wh, bytes.fromhex(step[1]), 1)
+        wait(lambda: got(17, n + 1) or got(8))
+pump(300)
+wait(lambda: got(8), 5000)
+result(events=events(), notified=[hx(d[2]) for e, d in EV if e == 18])
+"""
+
+
+def rogue_central(radio: BrokerThread, addr: str, script: list) -> DeviceProcess:
+    body = f"ADDR = bytes.fromhex({hexaddr(addr)!r})\nSCRIPT = {script!r}\n" + ROGUE_CENTRAL
+    return DeviceProcess(radio.address, body, "rogue-central")
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ([("open",), ("write", "000500")], "frame: no_first"),  # a frame from the middle of nowhere
+        ([("open",), ("write", "4001")], "frame: bad_header"),  # a control frame once the session is open
+        ([("open",), ("write", "8000ffff00")], "frame: oversize"),  # 65535 bytes declared
+        ([("open",), ("write", "800000640102")], "frame: truncated"),  # says 100 bytes, brings 2, ends
+    ],
+)
+def test_malformed_frame_from_payer_ends_session(radio, script, reason):
+    # The payee's recv() raises LinkError(FRAME) with the framing's reason, every later call too, and the
+    # payee disconnects the payer at once.
+    pe, addr = payee(radio, [["recv", 10, 5000], ["recv", 10, 500], ["send", 10]], kw={"mtu": 23})
+    rogue = rogue_central(radio, addr, script)
+    e, g = results(pe, rogue)
+    clean(e)
+    assert e["ops"] == [reason, reason, reason], e["ops"]
+    assert g["notified"] == ["4002"] and 8 in g["events"]  # READY, then disconnected by the payee
+
+
+def test_payer_must_open_first(radio):
+    # A central that writes data before OPEN is not served: disconnected, and accept() keeps waiting.
+    pe, addr = payee(radio, [], accept_ms=1500)
+    rogue = rogue_central(radio, addr, [("write", "8000000141")])
+    e, g = results(pe, rogue)
+    clean(e)
+    assert e["accept"] == ["timeout: no payer"] and g["notified"] == [] and 8 in g["events"]
+
+
+# A raw peripheral that offers paytoken's service and advertises the nonce's tag, answering OPEN with REPLY
+# (a list of hex frames, notified one after the other).
+ROGUE_PERIPHERAL = r"""
+from paytoken.ble import gatt
+W = []
+def irq(e, d):
+    rec(e, d)
+    if e == 3:
+        W.append(bytes(ble.gatts_read(d[1])))
+ble.irq(irq)
+ble.active(True)
+svc = (bluetooth.UUID(gatt.SERVICE_UUID), ((bluetooth.UUID(gatt.WRITE_UUID), bluetooth.FLAG_WRITE),
+                                           (bluetooth.UUID(gatt.NOTIFY_UUID), bluetooth.FLAG_NOTIFY)))
+((rx, tx),) = ble.gatts_register_services((svc,))
+ble.gatts_set_buffer(rx, 244)
+ble.gap_advertise(100000, gatt.adv_payload(bytes.fromhex(NONCE)))
+wait(lambda: W, 10000)
+c = data(1)[0]
+for f in REPLY:
+    ble.gatts_notify(c, tx, bytes.fromhex(f))
+    pump(30)
+wait(lambda: got(2), 5000)
+result(writes=[hx(w) for w in W], events=events())
+"""
+
+
+def rogue_peripheral(radio: BrokerThread, reply: list[str]) -> tuple[DeviceProcess, str]:
+    addr = new_addr()
+    body = f"NONCE = {NONCE!r}\nREPLY = {reply!r}\n" + ROGUE_PERIPHERAL
+    dev = DeviceProcess(radio.address, body, "rogue-peripheral", env={"PAYTOKEN_RADIO_ADDR": addr})
+    wait_advertising(radio, "rogue-peripheral")
+    return dev, addr
+
+
+@pytest.mark.parametrize(
+    ("reply", "connect", "ops"),
+    [
+        (["1234"], "frame: expected READY or BUSY", []),  # junk instead of READY
+        (["4002", "4002"], "ok", ["frame: bad_header"] * 2),  # READY twice
+        (["4002", "810001"], "ok", ["frame: future_seq"] * 2),  # a frame of message 1 first
+        (["4002", "8000000341424344"], "ok", ["frame: overrun"] * 2),  # declares 3 bytes, carries 4
+    ],
+)
+def test_malformed_frame_from_payee_ends_session(radio, reply, connect, ops):
+    dev, addr = rogue_peripheral(radio, reply)
+    pr = payer(radio, addr, [["recv", 3, 3000], ["send", 5]], timeout_ms=3000)
+    r, d = results(pr, dev)
+    clean(r)
+    assert r["connect"] == connect, r
+    assert r.get("ops", []) == ops
+    assert d["writes"] == ["4001"] and 2 in d["events"]  # OPEN only (no data after a FRAME), then dropped
