@@ -509,3 +509,82 @@ def test_malformed_frame_from_payee_ends_session(radio, reply, connect, ops):
     assert r["connect"] == connect, r
     assert r.get("ops", []) == ops
     assert d["writes"] == ["4001"] and 2 in d["events"]  # OPEN only (no data after a FRAME), then dropped
+
+
+# --------------------------------------------------------------------------- cost: air and heap
+
+# The four messages of a payment (docs/protocol.md section 2) for a payer-only and a payee-only certificate:
+# 189 + 205 bytes payer -> payee, 228 + 124 bytes payee -> payer (make bench: 394 and 352).
+PAYMENT = [("payer", 189), ("payee", 228), ("payer", 205), ("payee", 124)]
+
+
+def payment_ops() -> tuple[list, list]:
+    e: list = []
+    r: list = []
+    for who, n in PAYMENT:
+        (r if who == "payer" else e).append(["air", n])
+        (e if who == "payer" else r).append(["air_in", n, 10000])
+    return e, r
+
+
+def att_cost(n: int, frame_size: int, by: str) -> tuple[int, int, int]:
+    """(ATT PDUs, ATT bytes, L2CAP bytes incl. its 4-byte header) of one message both ways on the link: writes
+    with response (3-byte header, and a 1-byte response each) from the payer, notifications (3-byte header)
+    from the payee."""
+    f = frames(n, frame_size)
+    payload = n + 2 * f + 2
+    pdus, att = f, payload + 3 * f
+    if by == "payer":
+        pdus, att = 2 * f, att + f  # + Write Responses
+    return pdus, att, att + 4 * pdus
+
+
+def link_totals(radio: BrokerThread) -> dict[str, int]:
+    s = [x for x in radio.links(all=True)][-1]["stats"]
+    return {k: s["c2p"][k] + s["p2c"][k] for k in ("pdus", "bytes", "ll_bytes")}
+
+
+@pytest.mark.parametrize("mtu", [23, 247])
+def test_bytes_on_air_per_message(radio, mtu):
+    # The broker's count of what crossed the air for a whole payment, minus a session without messages,
+    # is exactly the framing's frames with their ATT headers and write responses: nothing else is sent.
+    pe, addr = payee(radio, [], kw={"mtu": mtu})
+    pr = payer(radio, addr, [], kw={"mtu": mtu})
+    for res in results(pe, pr):
+        clean(res)
+    base = link_totals(radio)
+    e_ops, r_ops = payment_ops()
+    pe, addr = payee(radio, e_ops, kw={"mtu": mtu})
+    pr = payer(radio, addr, r_ops, kw={"mtu": mtu})
+    e, r = results(pe, pr)
+    for res in (e, r):
+        clean(res)
+        assert all(o["ok"] for o in res["ops"] if "ok" in o)
+    run = link_totals(radio)
+    fs = mtu - 3
+    want = [att_cost(n, fs, who) for who, n in PAYMENT]
+    got = {k: run[k] - base[k] for k in run}
+    assert got == {k: sum(w[i] for w in want) for i, k in enumerate(("pdus", "bytes", "ll_bytes"))}
+    timing = {n: o["ms"] for o in e["ops"] + r["ops"] if "ok" in o for n in [o["n"]]}
+    print(f"\nMTU {mtu}: " + ", ".join(f"{who} {n} B -> {w[0]} PDUs {w[1]} ATT B {w[2]} L2CAP B {timing[n]} ms"
+                                       for (who, n), w in zip(PAYMENT, want, strict=True)))
+
+
+def test_heap_of_each_role(radio):
+    # A payment's four messages with each role's BLE layer in a 96 KB heap (the simulator's `bluetooth` module,
+    # C in an ESP32's flash, is in it here too: about 47 KB). What the layer itself takes (unix port, 64-bit
+    # pointers): its code, loaded from .mpy (none of it in the heap with the firmware frozen), and its data:
+    # the 4 KB reassembly buffer, one frame buffer, a few small objects, plus the simulator's own records of
+    # the service and the connection (about 1.5 KB).
+    e_ops, r_ops = payment_ops()
+    pe, addr = payee(radio, e_ops, heapsize="96K")
+    pr = payer(radio, addr, r_ops, heapsize="96K")
+    e, r = results(pe, pr)
+    for res in (e, r):
+        clean(res)
+        assert all(o["ok"] for o in res["ops"] if "ok" in o)
+        code = res["heap_import"]
+        data = res["heap_link"] - code
+        print(f"\ncode {code} B, data {data} B, after the payment {res['heap_after'] - code} B, "
+              f"simulator {res['heap_sim']} B, asyncio parts {res['heap_asyncio']} B")
+        assert code < 20_000 and data < 10_000 and res["heap_after"] - code < 11_000, res

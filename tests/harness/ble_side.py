@@ -166,13 +166,18 @@ async def main(p):
     ble.active(True)
     if "mtu" in p:
         ble.config(mtu=p["mtu"])
-    # Not the BLE layer's cost: the simulator's GATT halves (in C on an ESP32), loaded on first use, and the
-    # framing and link modules the rest of the firmware shares.
+    # Not the BLE layer's cost: the simulator's GATT halves (in C on an ESP32), loaded on first use, the
+    # framing and link modules the rest of the firmware shares, and asyncio's parts loaded on first use.
     import _bluetooth_gattc  # noqa: F401
     import _bluetooth_gatts  # noqa: F401
 
     import paytoken.framing  # noqa: F401
     import paytoken.link  # noqa: F401
+
+    res["heap_asyncio"] = heap()
+    asyncio.ThreadSafeFlag  # noqa: B018
+    asyncio.wait_for_ms  # noqa: B018
+    res["heap_asyncio"] = heap() - res["heap_asyncio"]
 
     res["heap_base"] = heap()
     res["heap_sim"] = res["heap_base"] - HEAP0

@@ -19,8 +19,6 @@ NOTIFY_UUID = "1cb60003-cfd4-4071-8810-8df10cddb976"  # payee -> payer frames: n
 CCCD_UUID = const(0x2902)  # Client Characteristic Configuration; NimBLE adds it to a notify characteristic
 CCCD_NOTIFY = b"\x01\x00"  # CCCD value that enables notifications
 
-FLAG_WRITE = const(0x0008)  # bluetooth.FLAG_WRITE
-FLAG_NOTIFY = const(0x0010)  # bluetooth.FLAG_NOTIFY
 PROP_WRITE = const(0x08)  # characteristic properties as discovered (GATT Characteristic Properties bits)
 PROP_NOTIFY = const(0x10)
 
@@ -33,22 +31,22 @@ ADV_INTERVAL_US = const(100000)
 #   11 07 <16 bytes>               complete list of 128-bit service UUIDs: SERVICE_UUID, little-endian
 #   09 FF FF FF 01 <5 bytes>       manufacturer data: company 0xFFFF, format 1, the nonce tag
 # The scan response holds the name: <n+1> 09 <name>, or 08 (shortened) when cut to 29 bytes.
-AD_FLAGS = const(0x01)
-AD_UUID128_INCOMPLETE = const(0x06)
-AD_UUID128_COMPLETE = const(0x07)
-AD_NAME_SHORT = const(0x08)
-AD_NAME_COMPLETE = const(0x09)
-AD_MANUFACTURER = const(0xFF)
-FLAGS_LE_GENERAL = const(0x06)
+_AD_FLAGS = const(0x01)
+_AD_UUID128_INCOMPLETE = const(0x06)
+_AD_UUID128_COMPLETE = const(0x07)
+_AD_NAME_SHORT = const(0x08)
+_AD_NAME_COMPLETE = const(0x09)
+_AD_MANUFACTURER = const(0xFF)
+_FLAGS_LE_GENERAL = const(0x06)
 COMPANY_ID = const(0xFFFF)  # Bluetooth SIG: "no company" (tests, prototypes); a product uses its own id
 ADV_FORMAT = const(1)
 TAG_LEN = const(5)
-LEGACY_ADV_MAX = const(31)
+_LEGACY_ADV_MAX = const(31)
 _TAG_DOMAIN = b"paytoken/adv"
 
 # Link control frames: b0 has the framing's reserved bit 6 set, so they can never be taken for data frames.
 # Exactly two bytes, 0x40 then the code; valid only before the session opens (see protocol.md section 9).
-CONTROL = const(0x40)
+_CONTROL = const(0x40)
 OPEN = const(1)  # payer -> payee: subscribed, please serve this connection
 READY = const(2)  # payee -> payer: served; messages may flow
 BUSY = const(3)  # payee -> payer: serving another payer; the payee disconnects
@@ -77,13 +75,13 @@ def nonce_tag(nonce):
 
 def adv_payload(nonce):
     """The 31-byte advertising data announcing the payee of the QR with this nonce."""
-    b = bytearray(LEGACY_ADV_MAX)
+    b = bytearray(_LEGACY_ADV_MAX)
     b[0:3] = b"\x02\x01\x06"
     b[3] = 17
-    b[4] = AD_UUID128_COMPLETE
+    b[4] = _AD_UUID128_COMPLETE
     b[5:21] = SERVICE_UUID_LE
     b[21] = 4 + TAG_LEN
-    b[22] = AD_MANUFACTURER
+    b[22] = _AD_MANUFACTURER
     b[23] = COMPANY_ID & 0xFF
     b[24] = COMPANY_ID >> 8
     b[25] = ADV_FORMAT
@@ -94,10 +92,10 @@ def adv_payload(nonce):
 def scan_response(name):
     """Scan response data: the name, complete, or shortened to the 29 bytes that fit."""
     n = name.encode() if isinstance(name, str) else bytes(name)
-    kind = AD_NAME_COMPLETE
-    if len(n) > LEGACY_ADV_MAX - 2:
-        n = n[: LEGACY_ADV_MAX - 2]
-        kind = AD_NAME_SHORT
+    kind = _AD_NAME_COMPLETE
+    if len(n) > _LEGACY_ADV_MAX - 2:
+        n = n[: _LEGACY_ADV_MAX - 2]
+        kind = _AD_NAME_SHORT
     return bytes((len(n) + 1, kind)) + n
 
 
@@ -122,7 +120,7 @@ def ad_find(adv, ad_type, start=0):
 
 
 def _has_service(adv):
-    for kind in (AD_UUID128_COMPLETE, AD_UUID128_INCOMPLETE):
+    for kind in (_AD_UUID128_COMPLETE, _AD_UUID128_INCOMPLETE):
         pos = ad_find(adv, kind)
         while pos >= 0:
             end = pos + adv[pos - 2] - 1
@@ -138,7 +136,7 @@ def _has_service(adv):
 
 def _tag_at(adv):
     # Offset of the nonce tag in our manufacturer data, or -1.
-    pos = ad_find(adv, AD_MANUFACTURER)
+    pos = ad_find(adv, _AD_MANUFACTURER)
     while pos >= 0:
         ln = adv[pos - 2] - 1
         if (
@@ -148,7 +146,7 @@ def _tag_at(adv):
             and adv[pos + 2] == ADV_FORMAT
         ):
             return pos + 3
-        pos = ad_find(adv, AD_MANUFACTURER, pos + ln)
+        pos = ad_find(adv, _AD_MANUFACTURER, pos + ln)
     return -1
 
 
@@ -168,7 +166,7 @@ def parse_adv(adv):
     t = _tag_at(adv)
     tag = bytes(adv[t : t + TAG_LEN]) if t >= 0 else None
     name = None
-    for kind in (AD_NAME_COMPLETE, AD_NAME_SHORT):
+    for kind in (_AD_NAME_COMPLETE, _AD_NAME_SHORT):
         pos = ad_find(adv, kind)
         if pos >= 0:
             try:
@@ -184,8 +182,8 @@ def control_code(frame):
 
     A frame with the control bit that is not exactly two bytes gives 0 (no valid code).
     """
-    if len(frame) == 0 or not frame[0] & CONTROL:
+    if len(frame) == 0 or not frame[0] & _CONTROL:
         return -1
-    if len(frame) != 2 or frame[0] != CONTROL:
+    if len(frame) != 2 or frame[0] != _CONTROL:
         return 0
     return frame[1]
