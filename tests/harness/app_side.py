@@ -2,6 +2,8 @@
 # then paytoken.app.start.run), with the radio of tests/harness/file_air.py instead of paytoken.ble.
 #
 #   micropython -X heapsize=N app_side.py <radio folder> <sessions> [NAME=ms ...]
+#   micropython -X heapsize=N app_side.py ble <sessions> [NAME=ms ...]   the real paytoken.ble transport, on the
+#                                                            simulated radio at PAYTOKEN_RADIO (as main.py runs)
 #   micropython -X heapsize=N app_side.py --imports <file>   the self-test, then only the imports named in
 #                                                            the file, one a line (a role's code)
 # (Lists go in a file: the unix port aborts on any command-line argument of 256 characters or more.)
@@ -53,7 +55,7 @@ def main():
     def radio(app):
         return file_air.PayeeRadio(folder) if app == "terminal" else file_air.PayerRadio(folder)
 
-    app = start.run(board, radio, sessions)
+    app = start.run(board, None if folder == "ble" else radio, sessions)
     gc.collect()
     print("HEAP after=%d" % gc.mem_alloc())
     print("MODULES " + ",".join(sorted(k for k in sys.modules if k != "__main__")))
