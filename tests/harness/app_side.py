@@ -29,6 +29,18 @@ def selftest():
     start.forget("paytoken.crypto.selftest")
 
 
+def linger(transport, ms=3000):
+    # A device keeps running after a session; this process ends after `sessions`. Before it goes (and its radio
+    # link with it), let the radio deliver what the last session queued (the receipt) until the payer has left.
+    import time
+
+    import bluetooth
+
+    t0 = time.ticks_ms()
+    while getattr(transport, "_conns", None) and time.ticks_diff(time.ticks_ms(), t0) < ms:
+        bluetooth._pump(10)
+
+
 def main():
     selftest()
     if sys.argv[1] == "--imports":
@@ -56,6 +68,8 @@ def main():
         return file_air.PayeeRadio(folder) if app == "terminal" else file_air.PayerRadio(folder)
 
     app = start.run(board, None if folder == "ble" else radio, sessions)
+    if folder == "ble" and app is not None:
+        linger(app.transport)
     gc.collect()
     print("HEAP after=%d" % gc.mem_alloc())
     print("MODULES " + ",".join(sorted(k for k in sys.modules if k != "__main__")))
