@@ -16,6 +16,7 @@ from bleak import BleakClient, BleakScanner
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.exc import (
     BleakBluetoothNotAvailableError,
+    BleakCharacteristicNotFoundError,
     BleakDeviceNotFoundError,
     BleakError,
     BleakGATTProtocolError,
@@ -328,6 +329,8 @@ def test_connect_services_read_write_notify_mtu(radio: BrokerThread, peripheral:
                 await client.start_notify(LOG, lambda c, d: None)
             with pytest.raises(BleakError, match="pairing"):
                 await client.pair()
+            with pytest.raises(BleakCharacteristicNotFoundError):
+                await client.read_gatt_char("0000abcd-0000-1000-8000-00805f9b34fb")
         r["after"] = (client.is_connected, len(gone), gone and gone[0] is client)
         with pytest.raises(BleakError, match="Service Discovery has not been performed"):
             client.services  # noqa: B018 - the property raises once disconnected
@@ -395,6 +398,8 @@ def test_disconnect_callbacks_on_link_drops(radio: BrokerThread, peripheral: Dev
             await client.read_gatt_char(rd)  # a characteristic object: no lookup in the services
         r["mid"] = str(mid.value)
         r["mid_gone"] = await asyncio.wait_for(gone.get(), 3) is client
+        with pytest.raises(BleakError, match="Not connected"):
+            await client.start_notify(rd, lambda c, d: None)  # bleak checks is_connected first
 
         # 3: the peripheral ends the connection
         async with BleakClient(ADDR, on_gone, backend=SimBleakClient, radio=radio.address, timeout=5) as third:
