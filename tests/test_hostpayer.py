@@ -26,6 +26,7 @@ from paytoken_host.hostpayer import (
     format_amount,
     main,
     parse_amount,
+    parse_qr,
     pay,
 )
 from paytoken_host.simdevice import Authority, DeviceKeys, provision
@@ -201,5 +202,8 @@ def test_unreachable_payee_and_malformed_input(broker: BrokerThread, tmp_path: P
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["why"] == "payee not found" and out["step"] == "connect"
 
+    # space is a base45 character: a QR text may begin with one (wallet id 0x23...), and it is kept
+    spaced = base45.encode(wire.qr_payload(b"\x23abc", bytes(6), False, bytes(32), bytes(8)))
+    assert spaced[0] == " " and parse_qr(spaced + "\r\n").wallet_short == b"\x23abc"
     assert parse_amount("100") == 10_000 and parse_amount("0.5") == 50 and parse_amount("7", 0) == 7
     assert format_amount(10_000, 840) == "100.00 USD" and format_amount(500, 392) == "500 JPY"

@@ -108,9 +108,10 @@ def parse_amount(text: str, digits: int = 2) -> int:
 
 
 def parse_qr(text: str) -> wire.QrPayload:
-    """The QR as scanned (base45 text) -> its payload; PaymentError(FORMAT) for anything else."""
+    """The QR as scanned (base45 text) -> its payload; PaymentError(FORMAT) for anything else. A scanner's line
+    ending is dropped; spaces are not: space is one of base45's characters."""
     try:
-        return wire.decode_qr(base45.decode(text.strip()))
+        return wire.decode_qr(base45.decode(text.strip("\r\n")))
     except (ValueError, UnicodeError) as exc:
         raise PaymentError(reasons.FORMAT, f"not a paytoken QR ({exc})", "scan") from None
 

@@ -270,9 +270,11 @@ class SimBleakScanner(BaseBleakScanner):
         if radio is None:
             return
         radio.on_adv = None
-        with contextlib.suppress(RadioError, OSError):
+        try:
             await radio.send({"t": "scan_stop"})
-        await radio.close()
+            await radio.close()
+        except (RadioError, OSError):  # the broker went away: nothing left to stop
+            await radio.close(graceful=False)
 
     def _on_adv(self, report: AdvReport) -> None:
         heard = self._heard.setdefault(report.addr, [None, None, None])
@@ -347,7 +349,7 @@ class SimBleakClient(BaseBleakClient):
             if isinstance(address_or_ble_device.details, SimDevice):
                 self._device = address_or_ble_device.details
         try:
-            self._addr = parse_address(self.address)
+            parse_address(self.address)
         except ProtocolError as exc:
             raise ValueError(f"{exc} (expected AA:BB:CC:DD:EE:FF)") from None
         self._radio_address = radio_address(radio if radio is not None or self._device is None
@@ -400,8 +402,8 @@ class SimBleakClient(BaseBleakClient):
         try:
             async with asyncio.timeout(timeout):
                 try:
-                    conn = await radio.connect(self._device.addr, self._device.atype, timeout_ms=int(timeout * 1000),
-                                               interval_us=self._interval_us)
+                    conn = await radio.connect(self._device.addr, self._device.atype,
+                                               timeout_ms=max(1, int(timeout * 1000)), interval_us=self._interval_us)
                 except TimeoutError:
                     raise TimeoutError(f"{self.address} did not accept a connection within {timeout} s "
                                        "(not advertising connectable, or no free connection slot)") from None
@@ -462,6 +464,7 @@ class SimBleakClient(BaseBleakClient):
         self._conn = self._radio = self._watch = None
         self.services = None
         self._callbacks.clear()
+        self._cache.clear()
         self._mtu = att.DEFAULT_MTU
         if watch is not None and watch is not asyncio.current_task():
             watch.cancel()
