@@ -2,6 +2,8 @@
 # then paytoken.app.start.run), with the radio of tests/harness/file_air.py instead of paytoken.ble.
 #
 #   micropython -X heapsize=N app_side.py <radio folder> <sessions> [NAME=ms ...]
+#   micropython -X heapsize=N app_side.py ble <sessions> [NAME=ms ...]   the real paytoken.ble transport, on the
+#                                                            simulated radio at PAYTOKEN_RADIO (as main.py runs)
 #   micropython -X heapsize=N app_side.py --imports <file>   the self-test, then only the imports named in
 #                                                            the file, one a line (a role's code)
 # (Lists go in a file: the unix port aborts on any command-line argument of 256 characters or more.)
@@ -25,6 +27,18 @@ def selftest():
         sys.exit(1)
     del selftest
     start.forget("paytoken.crypto.selftest")
+
+
+def linger(transport, ms=3000):
+    # A device keeps running after a session; this process ends after `sessions`. Before it goes (and its radio
+    # link with it), let the radio deliver what the last session queued (the receipt) until the payer has left.
+    import time
+
+    import bluetooth
+
+    t0 = time.ticks_ms()
+    while getattr(transport, "_conns", None) and time.ticks_diff(time.ticks_ms(), t0) < ms:
+        bluetooth._pump(10)
 
 
 def main():
@@ -53,7 +67,9 @@ def main():
     def radio(app):
         return file_air.PayeeRadio(folder) if app == "terminal" else file_air.PayerRadio(folder)
 
-    app = start.run(board, radio, sessions)
+    app = start.run(board, None if folder == "ble" else radio, sessions)
+    if folder == "ble" and app is not None:
+        linger(app.transport)
     gc.collect()
     print("HEAP after=%d" % gc.mem_alloc())
     print("MODULES " + ",".join(sorted(k for k in sys.modules if k != "__main__")))

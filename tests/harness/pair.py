@@ -43,10 +43,11 @@ class Images:
 
 
 class Side:
-    def __init__(self, role: str, heap: str, env: dict, air: Path, micropython: str | None = None,
-                 romfs: bool = False):
+    def __init__(self, role: str, heap: str, env: dict, air: Path | str, micropython: str | None = None,
+                 romfs: bool = False, sessions: int = 1):
+        """air: the file radio's folder, or "ble" for paytoken.ble on the simulated radio (env PAYTOKEN_RADIO)."""
         self.role = role
-        args = (str(air), "1", *FAST[role])
+        args = (str(air), str(sessions), *FAST[role])
         if romfs:  # code in place from a ROMFS image, the harness's stand-ins for the radio in it too
             cmd, base = command(heap, module="app_side", args=args, romfs=True, image=romfs_with(SIDE_MODULES))
         else:

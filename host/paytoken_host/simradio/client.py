@@ -90,6 +90,8 @@ class Connection:
         self.notifications: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.indications: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.on_notify: Callable[[int, bytes], None] | None = None
+        # False: notifications and indications go only to on_notify (a bleak client never drains the queues)
+        self.queue_notifications = True
         self.on_write: Callable[[int, bytes], None] | None = None  # server side: accept writes, see them here
         self._lock = asyncio.Lock()
         self._pending: asyncio.Future[bytes] | None = None
@@ -228,9 +230,10 @@ class Connection:
             (handle,) = struct.unpack_from("<H", pdu, 1)
             value = pdu[3:]
             if op == att.INDICATE:
-                self.indications.put_nowait((handle, value))
+                if self.queue_notifications:
+                    self.indications.put_nowait((handle, value))
                 self._tx(bytes([att.CONFIRM]))
-            else:
+            elif self.queue_notifications:
                 self.notifications.put_nowait((handle, value))
             if self.on_notify:
                 self.on_notify(handle, value)
@@ -381,7 +384,7 @@ class RadioClient:
                     break
                 try:
                     self._dispatch(decode(line.rstrip(b"\n")))
-                except (ProtocolError, KeyError, ValueError, TypeError) as exc:
+                except (ProtocolError, KeyError, ValueError, TypeError, IndexError, struct.error) as exc:
                     log.error("bad message from the broker (%s): %r", exc, line[:120])
                     self.errors.append(f"bad message from the broker: {exc}")
         finally:

@@ -36,7 +36,11 @@ def transport(app):
     except ImportError as e:
         print("paytoken: no BLE transport (%s)" % e)
         return None
-    return ble.payee_transport() if app == "terminal" else ble.payer_transport()
+    try:
+        return ble.payee_transport() if app == "terminal" else ble.payer_transport()
+    except OSError as e:  # the radio does not come up (the simulator without a broker: ENODEV)
+        print("paytoken: no radio (%s)" % e)
+        return None
 
 
 def open_device(root):

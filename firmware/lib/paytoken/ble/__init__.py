@@ -1,0 +1,53 @@
+# paytoken's BLE transport (docs/protocol.md section 9):
+#   gatt        service UUIDs, advertising payload, control frames (no `bluetooth` import: host tools use it)
+#   irq         the one BLE IRQ dispatcher both roles share
+#   conn        BleLink: one BLE connection as a paytoken Link
+#   peripheral  the payee: Peripheral(ble, name)
+#   central     the payer: await connect(ble, addr_type, addr, nonce, timeout_ms)
+#
+# The apps take a transport object: payee_transport() (address, start, accept, stop: a Peripheral) or
+# payer_transport() (connect). Both give None on a build without `bluetooth`. Only the role's own module is
+# imported, so a payer never loads the payee's code and the other way round.
+try:
+    import bluetooth
+except ImportError:
+    bluetooth = None
+
+
+def _radio():
+    ble = bluetooth.BLE()
+    if not ble.active():
+        ble.active(True)
+    return ble
+
+
+def payee_transport(name=None):
+    """The payee's Peripheral on this device's radio, named `name` or "paytoken-" and its address's last
+    two bytes in hex; None without `bluetooth`."""
+    if bluetooth is None:
+        return None
+    from paytoken.ble.peripheral import Peripheral
+
+    ble = _radio()
+    if name is None:
+        addr = ble.config("mac")[1]
+        name = "paytoken-%02x%02x" % (addr[-2], addr[-1])
+    return Peripheral(ble, name)
+
+
+class Payer:
+    # The payer's transport: await connect(addr_type, addr, nonce, timeout_ms) -> Link (see central.connect).
+    def __init__(self, ble):
+        self.ble = ble
+
+    async def connect(self, addr_type, addr, nonce, timeout_ms):
+        from paytoken.ble.central import connect
+
+        return await connect(self.ble, addr_type, addr, nonce, timeout_ms)
+
+
+def payer_transport():
+    """The payer's transport on this device's radio; None without `bluetooth`."""
+    if bluetooth is None:
+        return None
+    return Payer(_radio())
