@@ -588,3 +588,44 @@ def test_heap_of_each_role(radio):
         print(f"\ncode {code} B, data {data} B, after the payment {res['heap_after'] - code} B, "
               f"simulator {res['heap_sim']} B, asyncio parts {res['heap_asyncio']} B")
         assert code < 20_000 and data < 10_000 and res["heap_after"] - code < 11_000, res
+
+
+# --------------------------------------------------------------------------- more than one role, set-up drops
+
+
+def test_payee_and_payer_on_one_radio(radio):
+    # One device serves payer Z as a payee while it pays payee Y as a payer: one BLE IRQ handler, events
+    # routed to the role that owns each connection (MTU 23 with Z, 185 with Y).
+    radio.config(ll_payload=251)
+    y, y_addr = payee(radio, [["recv", 1000, 10000], ["send", 300]], name="payee-y", kw={"mtu": 185})
+    x_addr = new_addr()
+    x = Side(radio, "dual", {
+        "role": "both",
+        "payee": {"nonce": "2222222222222222", "ops": [["recv", 500, 10000], ["send", 700]], "name": "dual"},
+        "payer": {"addr": hexaddr(y_addr), "nonce": NONCE, "ops": [["send", 1000], ["recv", 300, 10000]],
+                  "delay_ms": 200},
+    }, x_addr)
+    wait_advertising(radio, "dual")
+    z = payer(radio, x_addr, [["send", 500], ["recv", 700, 10000]], name="payer-z", nonce="2222222222222222",
+              kw={"mtu": 23})
+    rx, ry, rz = results(x, y, z)
+    for res in (ry, rz, rx["payee"], rx["payer"]):
+        assert res.get("irq_error") is None
+    assert "Traceback" not in rx["output"] + ry["output"] + rz["output"]
+    assert rx["payee"]["ops"] == ["ok", "ok"] and rx["payee"]["stats"]["frame_size"] == 20
+    assert rx["payer"]["ops"] == ["ok", "ok"] and rx["payer"]["stats"]["frame_size"] == 182
+    assert ry["ops"] == ["ok", "ok"] and rz["ops"] == ["ok", "ok"]
+
+
+def test_link_drop_during_set_up(radio):
+    # The link drops while the payer waits for READY: connect() raises CLOSED; the payee serves nobody.
+    pe, addr = payee(radio, [], delay_ms=1500, accept_ms=500)
+    pr = payer(radio, addr, [], timeout_ms=5000)
+    # the 8th PDU from the payer is OPEN: every set-up step before it is done
+    link = radio.wait_for(lambda: [x for x in radio.links() if x["stats"]["c2p"]["pdus"] >= 8], timeout=10)
+    radio.drop(link[0]["link"])
+    r, e = results(pr, pe)
+    clean(r)
+    clean(e)
+    assert r["connect"].startswith("closed"), r
+    assert e["accept"] == ["timeout: no payer"]
