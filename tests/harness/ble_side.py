@@ -146,6 +146,7 @@ async def payer(p, res):
     except LinkError as e:
         res["connect"] = why(e)
         res["connect_ms"] = time.ticks_diff(time.ticks_ms(), t)
+        await asyncio.sleep_ms(200)  # a device runs on: its disconnect reaches the air before the process ends
         return
     res["connect"] = "ok"
     res["connect_ms"] = time.ticks_diff(time.ticks_ms(), t)

@@ -89,7 +89,7 @@ class Central:
         self._nu = bluetooth.UUID(gatt.NOTIFY_UUID)
         self._cccd_uuid = bluetooth.UUID(gatt.CCCD_UUID)
         self._addr = bytearray(6)
-        self._interval_ms = 30
+        self._interval_ms = 15  # connection interval (what we ask for) until an update tells
         self._link = None
         self.irq_error = None
         self._reset()

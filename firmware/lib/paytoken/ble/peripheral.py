@@ -80,7 +80,7 @@ class Peripheral:
         self._resp = gatt.scan_response(name)
         self._advertising = False
         self._readvertise = False
-        self._interval_ms = 30  # connection interval, for pacing notifications
+        self._interval_ms = 15  # connection interval, for pacing: the payer asks for 15..30 ms; updates tell
         self._accept_flag = asyncio.ThreadSafeFlag()
         self._hk_flag = asyncio.ThreadSafeFlag()
         self._task = None
