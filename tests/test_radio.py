@@ -456,7 +456,7 @@ result(seqs=seqs, flood=flood, full=full)
     (p, c) = results(peripheral, central)
     assert p["first_error"] == ENOMEM
     assert p["burst"] == 12  # tx_buffers: NimBLE's msys_1 block count on ESP32
-    assert p["recovered_ms"] >= 5  # only the next connection event (30 ms interval) frees buffers
+    assert p["recovered_ms"] < 150  # the next connection events (every 30 ms) deliver packets and free buffers
     assert c["seqs"] == list(range(40))  # nothing lost or reordered: ENOMEM means "not sent"
     assert c["flood"] == 12 and c["full"] == ENOMEM
 
@@ -780,7 +780,7 @@ asyncio.run(main())
     assert c["notify"] == "hello"
     assert c["events"] == [29, 30, 6, 7, 21, 17, 18, 8]  # SCAN_DONE: gap_connect stops the scan
     assert p["events"] == [29, 30, 1, 21, 2]
-    assert 100 <= p["slept"] < 200
+    assert 100 <= p["slept"] < 300
     assert p["refused"] > 10
 
 
@@ -987,8 +987,8 @@ def test_timing_interval_latency_packets_per_event_fragmentation(radio: BrokerTh
             return dict(plain=plain, sleepy=sleepy, spread=spread, fragments=after - before)
 
     r = radio.call(scenario())
-    assert max(r["plain"]) < 0.020 + 0.012  # delivered at the next connection event (20 ms interval)
+    assert max(r["plain"]) < 0.020 + 0.015  # delivered at the next connection event (20 ms interval)
     assert max(r["sleepy"]) > 0.025  # peripheral latency 4: it listens at every 5th event only
-    assert max(r["sleepy"]) < 5 * 0.020 + 0.012
+    assert max(r["sleepy"]) < 5 * 0.020 + 0.015
     assert r["spread"] > 4 * 0.020 - 0.008  # 10 packets, 2 per event: 5 events
     assert r["fragments"] == 8  # 203-byte ATT PDU + 4-byte L2CAP header in 27-byte LL packets

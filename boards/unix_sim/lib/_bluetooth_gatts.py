@@ -45,6 +45,14 @@ def register(b, services):
     if b._adv or b._scan or b._connecting or b._conns:
         raise OSError(_EBUSY)  # ble_gatts_reset: only while no GAP procedure and no connection
     b._gatts_reset()
+    try:
+        return _register(b, services)
+    except BaseException:
+        b._gatts_reset()  # no half-built table behind a refused definition
+        raise
+
+
+def _register(b, services):
     attrs = b._attrs
     db = b._db
     result = []
