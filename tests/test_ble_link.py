@@ -291,21 +291,24 @@ def test_payer_vanishes_mid_message(radio):
 
 def test_second_central_refused_busy(radio):
     # While payer A is served, payer B's connect() gets BUSY and B is disconnected; A's session goes on
-    # undisturbed, and after it the payee serves the next payer (C).
-    pe, addr = payee(radio, [["recv", 100, 8000], ["send", 100]], sessions=2, accept_ms=15000)
+    # undisturbed. After A's session and before the payee's next start(), payer B' is refused too (one payer
+    # per start()); after the next start() the payee serves payer C.
+    pe, addr = payee(radio, [["recv", 100, 8000], ["send", 100], ["sleep", 1500]], sessions=2, accept_ms=15000)
     a = payer(radio, addr, [["sleep", 1500], ["send", 100], ["recv", 100, 8000]], name="payer-a")
     radio.wait_for(lambda: radio.links(), timeout=10)
     b = payer(radio, addr, [], name="payer-b", timeout_ms=5000)
     (rb,) = results(b)
     (ra,) = results(a)
-    c = payer(radio, addr, [["send", 100], ["recv", 100, 8000]], name="payer-c")
+    b2 = payer(radio, addr, [], name="payer-b2", timeout_ms=5000)  # the payee sleeps 1.5 s before its start()
+    (rb2,) = results(b2)
+    c = payer(radio, addr, [["send", 100], ["recv", 100, 8000]], name="payer-c", delay_ms=1500)  # after start()
     rc, e = results(c, pe)
-    for res in (ra, rb, rc, e):
+    for res in (ra, rb, rb2, rc, e):
         clean(res)
-    assert rb["connect"].startswith("busy"), rb
+    assert rb["connect"].startswith("busy") and rb2["connect"].startswith("busy"), (rb, rb2)
     assert ra["connect"] == "ok" and ra["ops"] == ["ok"] * 3
     assert rc["connect"] == "ok" and rc["ops"] == ["ok"] * 2
-    assert e["accept"] == ["ok", "ok"] and e["ops"] == ["ok"] * 2
+    assert e["accept"] == ["ok", "ok"] and e["ops"] == ["ok"] * 3
     assert [x for x in radio.links(all=True) if x["central"]["name"] == "payer-b"][0]["reason"] is not None
 
 

@@ -108,7 +108,10 @@ async def payee(p, res):
         await asyncio.sleep_ms(p["no_accept"])
         per.stop()
         return
-    for _ in range(p.get("sessions", 1)):
+    for k in range(p.get("sessions", 1)):
+        if k:  # as the payee app does: one payer per start(), a fresh start for the next
+            per.stop()
+            per.start(bytes.fromhex(p["nonce"]))
         t = time.ticks_ms()
         try:
             link = await per.accept(p.get("accept_ms", 10000))
