@@ -14,7 +14,7 @@ export MICROPYTHON
 FW_SRC := $(shell find firmware -name '*.py' 2>/dev/null)
 BUILD := build/firmware
 
-.PHONY: all venv firmware lint test test-long bench deploy clean
+.PHONY: all venv firmware lint test test-long bench demo deploy deploy-files clean
 
 all: test
 
@@ -42,13 +42,24 @@ test-long: firmware lint
 bench: firmware
 	$(PY) -m tests.bench
 
-# Hardware only: installs the board's micropython-lib packages with mip (board.json "mip"), then copies
-# build/firmware to the board over USB with mpremote.
+# The seed's example in simulation: a terminal shows a QR, a card pays $100.00 over the virtual BLE radio.
+demo: firmware
+	$(PY) -m paytoken_host.demo
+
+# Hardware only. `deploy` installs the board's micropython-lib packages with mip (board.json "mip"), writes
+# the firmware's ROMFS image to the romfs partition (the code then runs in place from flash, not the heap;
+# the MicroPython build needs a romfs partition, e.g. ports/esp32/partitions-4MiB-romfs.csv) and copies
+# boot.py and main.py. `deploy-files` copies the .mpy files instead, for a build without a romfs partition.
 MIP_PACKAGES = $(shell $(PYTHON3) -c "import json; print(' '.join(json.load(open('boards/$(BOARD)/board.json')).get('mip', [])))")
-deploy: firmware
-	@test -n "$(PORT)" || (echo "usage: make deploy PORT=/dev/ttyUSB0 BOARD=esp32_devkitc_ssd1306" >&2; exit 2)
-	$(foreach pkg,$(MIP_PACKAGES),$(VENV)/bin/mpremote connect $(PORT) mip install $(pkg) &&) true
-	cd $(BUILD) && $(abspath $(VENV))/bin/mpremote connect $(PORT) fs cp -r boot.py main.py lib board : + reset
+MPREMOTE := $(abspath $(VENV))/bin/mpremote
+deploy deploy-files: firmware
+	@test -n "$(PORT)" || (echo "usage: make $@ PORT=/dev/ttyUSB0 BOARD=esp32_devkitc_ssd1306" >&2; exit 2)
+	$(foreach pkg,$(MIP_PACKAGES),$(MPREMOTE) connect $(PORT) mip install $(pkg) &&) true
+ifeq ($(MAKECMDGOALS),deploy-files)
+	cd $(BUILD) && $(MPREMOTE) connect $(PORT) fs cp -r boot.py main.py lib board : + reset
+else
+	cd $(BUILD) && $(MPREMOTE) connect $(PORT) romfs deploy romfs.img + fs cp boot.py main.py : + reset
+endif
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

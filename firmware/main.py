@@ -8,3 +8,12 @@ if failures:
     print("paytoken %s: SELF-TEST FAILED: %s" % (paytoken.VERSION, ", ".join(failures)))
     raise SystemExit(1)
 print("paytoken %s: self-test passed" % paytoken.VERSION)
+del selftest
+
+import board  # noqa: E402  (after the self-test: nothing of the device is touched with broken crypto)
+from paytoken.app import start  # noqa: E402
+
+start.forget("paytoken.crypto.selftest")
+# Runs the payer or payee app for ever; returns only when the device cannot pay (unprovisioned, no radio:
+# the screen says why), leaving the REPL to the provisioning service.
+start.run(board)

@@ -589,7 +589,7 @@ def test_sim_display_terminal_picture(upy):
         "sd.fb.hline(0, 3, 8, 1)\n"
         "sd.show()\n"
     )
-    assert upy.eval("term.getvalue()") == "▀▄█\n▄▄▄▄▄▄▄▄\n"
+    assert upy.eval("term.getvalue()") == "FRAME 1 8x4\n▀▄█\n▄▄▄▄▄▄▄▄\n"
 
 
 def test_sim_display_path_from_the_environment(tmp_path, monkeypatch, firmware_build):

@@ -41,39 +41,49 @@ def stub_file(module: str) -> Path | None:
     return None
 
 
+def _absolute(module: str, path: Path, node: ast.ImportFrom) -> str | None:
+    """The module a stub's `from X import` names: relative ones (`from .locks import *` in a package's
+    __init__.pyi, as the asyncio stubs are written) resolved against the stub's own package."""
+    if not node.level:
+        return node.module
+    package = module.split(".") if path.name == "__init__.pyi" else module.split(".")[:-1]
+    if node.level > 1:
+        package = package[: 1 - node.level]
+    return ".".join(package + ([node.module] if node.module else []))
+
+
+def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """Module-level statements, those under `if sys.version_info ...` / `if sys.platform ...` included."""
+    out: list[ast.stmt] = []
+    for node in body:
+        if isinstance(node, ast.If):
+            out += _top_level(node.body) + _top_level(node.orelse)
+        else:
+            out.append(node)
+    return out
+
+
 @cache
 def stub_names(module: str) -> frozenset[str]:
     path = stub_file(module)
     assert path is not None
-    # A package's stub (asyncio/__init__.pyi) gathers its names with relative star imports.
-    package = module if path.name == "__init__.pyi" else module.rpartition(".")[0]
     names: set[str] = set()
-    _collect(ast.parse(path.read_text()).body, package, names)
-    return frozenset(names)
-
-
-def _collect(body: list[ast.stmt], package: str, names: set[str]) -> None:
-    for node in body:
+    for node in _top_level(ast.parse(path.read_text()).body):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, ast.Assign):
             names.update(t.id for t in node.targets if isinstance(t, ast.Name))
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             names.add(node.target.id)
-        elif isinstance(node, ast.If):  # version-dependent definitions: either branch counts
-            _collect(node.body, package, names)
-            _collect(node.orelse, package, names)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 if alias.name == "*" and isinstance(node, ast.ImportFrom):
-                    source = node.module or ""
-                    if node.level:
-                        base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                        source = ".".join(base + ([node.module] if node.module else []))
-                    if source and stub_file(source):
+                    source = _absolute(module, path, node)
+                    if source and source != module and stub_file(source):
                         names |= stub_names(source)
                 else:
                     names.add(alias.asname or alias.name.split(".")[0])
+    return frozenset(names)
 
 
 def external_uses(path: Path) -> list[tuple[int, str, str | None]]:
@@ -125,10 +135,13 @@ def test_checker_catches_unix_only_api(tmp_path: Path):
     assert stub_file("ffi") is None  # unix-only: would be reported
     assert "sha512" not in stub_names("hashlib")  # the ESP32 build has no SHA-512
     assert "sha256" in stub_names("hashlib") and "aes" in stub_names("cryptolib")
+    # asyncio's stub is a package of `from .x import *`: followed, so its names are known, and only those
+    assert {"run", "Event", "TimeoutError", "sleep_ms", "wait_for_ms"} <= stub_names("asyncio")
+    assert "no_such_thing" not in stub_names("asyncio")
 
 
 def test_asyncio_names_are_micropython_ones():
-    # Names reached through the stub package's relative star imports, and CPython-only ones kept out.
+    # CPython-only names of the asyncio stub are kept out: MicroPython's asyncio does not have them.
     names = stub_names("asyncio")
     assert {"ThreadSafeFlag", "wait_for_ms", "create_task", "Event", "TimeoutError"} <= names & MICROPYTHON_ASYNCIO
-    assert "Queue" in names and "Queue" not in MICROPYTHON_ASYNCIO  # CPython's, absent from MicroPython
+    assert "Queue" in names and "Queue" not in MICROPYTHON_ASYNCIO

@@ -105,6 +105,9 @@ SAMPLES = {
     "payer_paid": ("payer_paid", 12345, USD, 87655),
     "payer_declined": ("payer_declined", reasons.FUNDS),
     "payer_balance": ("payer_balance", 87655, USD, PAYMENTS),
+    "payer_working": ("payer_working", "Connecting..."),
+    "payer_unconfirmed": ("payer_unconfirmed", 10000, USD),
+    "unprovisioned": ("unprovisioned", "store: cert.bin missing"),
 }
 
 # Worst cases for fitting: the largest amounts, the longest reason names, an unknown code, long lists.
@@ -123,6 +126,10 @@ STRESS = [
     ("payer_declined", reasons.LIMIT_OFFLINE),
     ("payer_balance", -MAX, 36, [(wire.ROLE_PAYEE, MAX, "refunded")] * 20),
     ("payer_balance", 0, USD, []),
+    ("payer_unconfirmed", MAX, EUR),
+    ("payer_working", "Waiting for the payee's answer..."),
+    ("unprovisioned", "store: identity.key mismatch: not the key the certificate names"),
+    ("payer_declined", reasons.UNREACHABLE),
 ]
 
 
@@ -392,7 +399,7 @@ def test_screens_show_their_text(ui, w, h):
     assert render(ui, w, h, ("payer_confirm", 1251, USD, "1a2b3c4d"))[0] != rows
     assert render(ui, w, h, ("payer_confirm", 1250, USD, "1a2b3c4e"))[0] != rows
 
-    shown(("payer_amount", "1234", EUR), "12.34", "EUR", "DOWN: digit +1", "CONFIRM: next")
+    shown(("payer_amount", "1234", EUR), "12.34", "EUR", "DOWN: digit +1", "CONFIRM: next", "HOLD CONFIRM: ok")
     shown(("payer_amount", "", USD), "$0.00")
     shown(("payer_paid", 1250, EUR, 98750), "EUR", "12.50", "Balance", "987.50")
     shown(("payer_declined", reasons.FUNDS), "Insufficient", "funds")
@@ -405,6 +412,12 @@ def test_screens_show_their_text(ui, w, h):
     shown(("payee_waiting", 500, USD), "$5.00", "Waiting")
     shown(("payee_paid", MAX, USD), "$42949672.95", "received")  # the largest amount, whole
     shown(("payee_error", reasons.CERT_EXPIRED), "Certificate", "expired", "failed")
+    assert_shows(ui, shown(("payer_working", "Connecting..."), "Connecting..."), "PAYING", lit=False)
+    rows = shown(("payer_unconfirmed", 1250, USD), "$12.50", "sent", "next", "sync")
+    assert_shows(ui, rows, "NO RECEIPT", lit=False)
+    shown(("payer_declined", reasons.LINK), "Connection", "lost")
+    rows = shown(("unprovisioned", "store: cert.bin missing"), "provisioned", "cert.bin", "missing")
+    assert_shows(ui, rows, "NOT SET UP", lit=False)
 
     # long values: the largest amount whole; a too-long payee id wrapped, and where lines run out the last one
     # shown ends in "~"; a state that does not fit beside the largest amount cut short with "~"

@@ -179,3 +179,46 @@ def test_ack_of_an_earlier_record_keeps_later_spending_counted(rig):
     assert rig.call(f"pw.apply_update({rig.world.ack(rig.payer, seq, chain)!r})") is True
     assert rig.call("[pw.offline_spent, pw.payments_since_sync]") == [5_000, 2]
     assert reopened(rig, "pw")[3] == 5_000
+
+
+def test_payer_memory_forgets_the_oldest_and_matches_whole_ids_only(mp):
+    # The payee's fixed-size memory of payers' last counters (wallet._PayerMemory), on MicroPython.
+    mp.exec(
+        "from paytoken import wallet\n"
+        "_pm = wallet._PayerMemory(4)\n"
+        "for _i in range(5):\n"
+        "    _pm.put(bytes([_i]) * 8, _i, 100 + _i)\n"
+        "_pm.put(b'\\x02' * 8, 20, 200)\n"  # an update keeps its slot
+    )
+    assert mp.eval("_pm.get(b'\\x00' * 8)") is None  # the first remembered went when the fifth came
+    assert mp.eval("[_pm.get(bytes([i]) * 8) for i in range(1, 5)]") == [[1, 101], [20, 200], [3, 103], [4, 104]]
+    # an id that appears across two stored ids' boundary is not a match
+    mp.exec("_pm2 = wallet._PayerMemory(2)\n_pm2.put(b'AAAABBBB', 1, 1)\n_pm2.put(b'CCCCDDDD', 2, 2)")
+    assert mp.eval("_pm2.get(b'BBBBCCCC')") is None
+    assert mp.eval("_pm2.get(memoryview(b'xCCCCDDDD')[1:])") == [2, 2]
+
+
+def test_signed_payments_rebuild_the_exact_bytes_both_devices_signed(rig):
+    # What a sync uploads: the ledger keeps parts, wallet_sync.signed_payments gives back the signed bytes.
+    rig.pay(1_000)
+    rig.pay(2_500)
+    # a third payment whose receipt is lost: sent-unconfirmed on the payer, received on the payee
+    rig.open(rig.qr())
+    m2 = rig.call(f"es.read_hello({rig.call('ps.start()')!r})")
+    rig.call(f"ps.read_hello({m2!r})")
+    rig.call(f"es.read_payment({rig.call('ps.confirm(700)')!r}) and None")
+    rig.mp.exec("from paytoken import wallet_sync")
+    payer_side = rig.call("list(wallet_sync.signed_payments(pw))")
+    payee_side = rig.call("list(wallet_sync.signed_payments(ew))")
+    payer_cert = protocol.verify_cert(rig.payer.cert, rig.world.issuer.public)
+    payee_cert = protocol.verify_cert(rig.payee.cert, rig.world.issuer.public)
+    assert [r[0] for r in payer_side] == [wire.ROLE_PAYER] * 3 and [r[0] for r in payee_side] == [wire.ROLE_PAYEE] * 3
+    assert payer_side[2][2] is None  # no receipt reached the payer
+    for (_, pay, rc), (_, pay2, rc2) in zip(payer_side, payee_side, strict=True):
+        assert pay == pay2  # the same payment from both ledgers
+        p = protocol.verify_payment(pay, payer_cert)  # signed by the payer's key, independently checked
+        assert protocol.verify_receipt(rc2, payee_cert, pay).status == reasons.OK
+        if rc is not None:
+            assert rc == rc2
+        assert p.payer_id == rig.payer.device_id and p.payee_id == rig.payee.device_id
+    assert [protocol.verify_payment(r[1], payer_cert).amount for r in payer_side] == [1_000, 2_500, 700]

@@ -4,6 +4,7 @@
 #   display()                              -> width, height, fb (1 = lit), show(), power(on)
 #   buttons(callback, settle_ms, long_ms)  -> paytoken.drivers.buttons.Buttons; app calls poll() often
 #   scanner()                              -> paytoken.drivers.scanner.Scanner on machine.UART
+#   storage()                              -> "/": the data root, the firmware's LittleFS (mounted at boot)
 # Drivers are imported when first asked for, so a build that never scans never loads the scanner code.
 import machine
 
@@ -26,3 +27,7 @@ def buttons(callback, settle_ms=20, long_ms=800):
 
 def scanner():
     return board_common.uart_scanner(INFO)
+
+
+def storage():
+    return board_common.storage()

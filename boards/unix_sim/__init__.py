@@ -4,11 +4,13 @@
 #   display(path=None, stream=None)        -> SimDisplay: show() saves a PBM image and/or draws in a terminal
 #   buttons(callback, settle_ms, long_ms)  -> SimButtons: press(name, ...) from the harness
 #   scanner()                              -> SimScanner: the real Scanner driver on a simulated UART module
+#   storage(image=None, mount="/flash")    -> the data root: a host image file mounted with LittleFS v2
 #   flash.FlashDevice                      emulated NOR flash (board.flash)
 # Environment (all optional): PAYTOKEN_SIM_DISPLAY  PBM file written on every show()
 #                             PAYTOKEN_SIM_TERM=1    also draw every frame on stdout
 #                             PAYTOKEN_SIM_BUTTONS   file of button commands, one a line, read by poll()
 #                             PAYTOKEN_SIM_SCANNER   file of QR texts, one a line, shown to the scanner
+#                             PAYTOKEN_SIM_FLASH     the device's flash image (storage()); made on first use
 # The simulated devices live in sim.py, imported on first use.
 import os
 import sys
@@ -49,3 +51,46 @@ def scanner(path=None):
     if path is None:
         path = _env("PAYTOKEN_SIM_SCANNER")
     return SimScanner(SimUART(path))
+
+
+_mounted = {}  # mount point -> (image path, block device)
+
+
+def storage(image=None, mount="/flash", block_count=256):
+    # The device's data root, as on the ESP32 boards (where it is "/", the firmware's LittleFS): the flash
+    # image file `image` (default PAYTOKEN_SIM_FLASH) mounted with LittleFS v2 at `mount`, blocks read and
+    # written in the file (board.filedev), so the heap holds no image. A missing image is created with
+    # block_count 4 KB blocks and formatted; an image that does not mount is an error, never reformatted
+    # (it holds a ledger). Mounted once per mount point; unmount(mount) undoes it.
+    import vfs
+
+    from board.filedev import FileBlockDevice
+
+    if image is None:
+        image = _env("PAYTOKEN_SIM_FLASH")
+        if image is None:
+            raise OSError("unix_sim: no flash image: set PAYTOKEN_SIM_FLASH to an image file")
+    if mount in _mounted:
+        if _mounted[mount][0] != image:
+            raise OSError("unix_sim: %s already holds %s" % (mount, _mounted[mount][0]))
+        return mount
+    dev = FileBlockDevice(image, block_count)
+    if dev.fresh:
+        vfs.VfsLfs2.mkfs(dev)
+    try:
+        fs = vfs.VfsLfs2(dev)
+        vfs.mount(fs, mount)
+    except OSError as e:
+        dev.close()
+        raise OSError("unix_sim: flash image %s does not mount (%s): not reformatting it" % (image, e))
+    _mounted[mount] = (image, dev)
+    return mount
+
+
+def unmount(mount="/flash"):
+    import vfs
+
+    entry = _mounted.pop(mount, None)
+    if entry is not None:
+        vfs.umount(mount)
+        entry[1].close()

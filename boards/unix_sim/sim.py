@@ -69,6 +69,8 @@ class SimDisplay:
         if self.path:
             self.save(self.path)
         if self.stream is not None:
+            # A header line, so a reader of the device's output (the demo) can tell frames from the rest
+            self.stream.write("FRAME %d %dx%d\n" % (self.frames, self.width, self.height))
             self.stream.write(self.render())
             self.stream.write("\n")
 

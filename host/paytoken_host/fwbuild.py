@@ -6,6 +6,8 @@ build/firmware/
   board/...                 (the chosen board's files from boards/<BOARD>/, its lib/ excepted)
   lib/*.mpy                 (boards/<BOARD>/lib/: top-level modules standing in for the port's built-ins,
                              e.g. the simulator's `bluetooth`)
+  romfs.img                 lib/ and board/ as one ROMFS image (vfs.VfsRom): on an ESP32 with a romfs
+                            partition the code runs in place from flash instead of loading into the heap
 """
 
 from __future__ import annotations
@@ -76,7 +78,36 @@ def build(out: Path, board: str = "unix_sim", mpy_cross: str | None = None) -> l
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
         written.append(dst)
+    written.append(make_romfs(out))
     return written
+
+
+ROMFS_DIRS = ("lib", "board")
+
+
+def make_romfs(out: Path) -> Path:
+    """Pack out/lib and out/board into out/romfs.img, mounted at /rom on the device (/rom/lib on sys.path)."""
+    from mpremote.romfs import VfsRomWriter
+
+    rom = VfsRomWriter()
+
+    def add(folder: Path) -> None:
+        for entry in sorted(folder.iterdir()):
+            if entry.is_dir():
+                rom.opendir(entry.name)
+                add(entry)
+                rom.closedir()
+            else:
+                rom.mkfile(entry.name, entry.read_bytes())
+
+    for name in ROMFS_DIRS:
+        if (out / name).is_dir():
+            rom.opendir(name)
+            add(out / name)
+            rom.closedir()
+    image = out / "romfs.img"
+    image.write_bytes(rom.finalise())
+    return image
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -29,6 +30,77 @@ def micropython_path(extra: list[Path] | None = None) -> str:
     parts = [".frozen", str(FIRMWARE_BUILD / "lib"), str(FIRMWARE_BUILD)]
     parts += [str(p) for p in extra or []]
     return ":".join(parts)
+
+
+HARNESS = Path(__file__).resolve().parent
+ROMBOOT = HARNESS / "romboot"  # romboot.py alone: nothing else on the path may shadow the image
+
+
+def romfs_image() -> Path:
+    return FIRMWARE_BUILD / "romfs.img"
+
+
+def heap_kb(heapsize: str) -> int:
+    """'64K' / '2M' / '65536' -> KB."""
+    units = {"K": 1, "M": 1024}
+    if heapsize[-1].upper() in units:
+        return int(heapsize[:-1]) * units[heapsize[-1].upper()]
+    return int(heapsize) // 1024
+
+
+@functools.cache
+def romfs_with(modules: tuple[str, ...]) -> Path:
+    """A ROMFS image of the built firmware plus these tests/harness modules compiled beside it in lib/: a
+    harness script standing in for the application sits in the image as the application's code would."""
+    import shutil
+
+    from paytoken_host import fwbuild
+
+    out = FIRMWARE_BUILD.parent / (FIRMWARE_BUILD.name + "-rom-" + "-".join(modules))
+    if out.exists():
+        shutil.rmtree(out)
+    for name in fwbuild.ROMFS_DIRS:
+        shutil.copytree(FIRMWARE_BUILD / name, out / name)
+    for name in modules:
+        fwbuild.compile_module(fwbuild.default_mpy_cross(), HARNESS / f"{name}.py", out / "lib" / f"{name}.mpy",
+                               f"{name}.py")
+    return fwbuild.make_romfs(out)
+
+
+def romfs_heapsize(heapsize: str, image: Path | None = None) -> str:
+    """The -X heapsize that leaves `heapsize` for the firmware once romboot has read the ROMFS image in.
+
+    On the device the image is memory-mapped flash; on the unix port it has to sit in the heap, so what it
+    takes there is added: its 32-byte GC blocks (64-bit build), the GC's 3 bits of tables per block, and
+    one block for the bytearray's header. The VfsRom object and the mount stay in the budget, as on the
+    device.
+    """
+    size = (image or romfs_image()).stat().st_size
+    blocks = -(-size // 32) + 1
+    return str(heap_kb(heapsize) * 1024 + blocks * 32 + -(-blocks * 3 // 8))
+
+
+def command(
+    heapsize: str, *, module: str | None = None, source: str | None = None, args: tuple[str, ...] = (),
+    romfs: bool = False, extra_path: list[Path] | None = None, image: Path | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) to run a module (found on extra_path, or tests/harness without romfs) or a source string.
+
+    romfs=True runs the firmware in place from build/firmware/romfs.img mounted at /rom, as on an ESP32 with
+    a romfs partition, and `heapsize` is then what the firmware gets beyond the image (romfs_heapsize);
+    image replaces the firmware's own (the bench packs its stand-in for the application in with it).
+    """
+    if (module is None) == (source is None):
+        raise ValueError("give module or source")
+    if romfs:
+        env = dict(os.environ, MICROPYPATH=":".join([".frozen", str(ROMBOOT), *map(str, extra_path or [])]),
+                   PAYTOKEN_ROMFS=str(image or romfs_image()))
+        body = f"import {module}" if module else source
+        return [micropython_command(), "-X", f"heapsize={romfs_heapsize(heapsize, image)}", "-c",
+                "import romboot\n" + body, *args], env
+    env = dict(os.environ, MICROPYPATH=micropython_path([*(extra_path or []), HARNESS]))
+    run = ["-m", module] if module else ["-c", source]
+    return [micropython_command(), "-X", f"heapsize={heapsize}", *run, *args], env
 
 
 class MicroPythonError(Exception):
@@ -72,11 +144,15 @@ class MicroPython:
     heapsize is passed as -X heapsize= so the firmware runs within a device's RAM budget.
     """
 
-    def __init__(self, heapsize: str = "512K", extra_path: list[Path] | None = None):
+    def __init__(self, heapsize: str = "512K", extra_path: list[Path] | None = None, romfs: bool = False):
         self.heapsize = heapsize
-        env = dict(os.environ, MICROPYPATH=micropython_path(extra_path))
+        if romfs:
+            argv, env = command(heapsize, module="mp_server", romfs=True, extra_path=[*(extra_path or []), HARNESS])
+        else:
+            argv = [micropython_command(), "-X", f"heapsize={heapsize}", str(SERVER)]
+            env = dict(os.environ, MICROPYPATH=micropython_path(extra_path))
         self.proc = subprocess.Popen(
-            [micropython_command(), "-X", f"heapsize={heapsize}", str(SERVER)],
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -153,11 +229,12 @@ class MicroPython:
         self.close()
 
 
-def run_script(source: str, heapsize: str = "512K", timeout: float = 120) -> subprocess.CompletedProcess:
+def run_script(source: str, heapsize: str = "512K", timeout: float = 120, romfs: bool = False
+               ) -> subprocess.CompletedProcess:
     """Run a standalone MicroPython script with the firmware on its path (used for memory budgets)."""
-    env = dict(os.environ, MICROPYPATH=micropython_path())
+    argv, env = command(heapsize, source=source, romfs=romfs)
     return subprocess.run(
-        [micropython_command(), "-X", f"heapsize={heapsize}", "-c", source],
+        argv,
         capture_output=True,
         text=True,
         env=env,

@@ -25,7 +25,7 @@ except ImportError:  # CPython tools reading a ledger image
 
 MAGIC = b"PTLG"
 VERSION = const(1)
-MAX_PAYLOAD = const(1024)
+MAX_PAYLOAD = const(512)  # the largest wallet record is under 200 bytes; RAM holds two such buffers
 _HEAD = ">4sBI32sH"
 _HEAD_LEN = const(43)  # struct.calcsize(_HEAD)
 _REC_HEAD = const(6)  # payload_len u16 + prev4: the link detects records moved or spliced

@@ -47,6 +47,7 @@ class PayeeSession(Session):
             return reply
         reply = hs.write_message(wire.payee_hello(reasons.OK, self.amount or 0, own.currency, self.wallet.cert_raw))
         self._rx, self._tx, self.handshake_hash = hs.split(True)
+        self._hs = None  # done with: give the heap back before the payment arrives
         self.state = HELLO_SENT
         return reply
 

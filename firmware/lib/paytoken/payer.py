@@ -72,6 +72,7 @@ class PayerSession(Session):
         if qr.amount is not None and (qr.amount != amount or qr.currency != hello.currency):
             self._fail(reasons.AMOUNT, "QR and payee disagree")
         self._tx, self._rx, self.handshake_hash = self._hs.split(True)
+        self._hs = None  # its keys and cipher state are done with: give the heap back before signing
         self.offer = Offer(cert.device_id, amount, hello.currency, cert)
         self.state = OFFERED
         return self.offer

@@ -30,14 +30,19 @@ DECLINED = const(20)  # a person declined on the device
 BUSY = const(21)  # the payee is serving another payer
 RECEIPT = const(22)  # receipt missing or invalid: payment left, not confirmed
 LOCKED = const(23)  # wallet refuses to pay until its ledger is repaired or synced
-
-NAMES = ("ok", "format", "version", "nonce", "key mismatch", "wallet id", "certificate invalid",
-         "foreign issuer", "certificate expired", "revoked", "role", "insufficient funds",
-         "over payment limit", "over offline limit", "over holding limit", "currency", "amount", "counter",
-         "chain", "signature", "declined", "busy", "no receipt", "locked")
+# Device-local: what the apps show and log when the link, not the other side, ended a session. Never sent in a
+# message or stored in a record (the link is gone, there is no one to tell).
+UNREACHABLE = const(24)  # no payee answered at the QR's address
+LINK = const(25)  # the connection failed or dropped mid-session
+TIMEOUT = const(26)  # no answer, or no decision on the device, in time
+ERROR = const(27)  # the device failed (an unexpected exception, a flash error): logged, the app goes on
 
 
 def name(code):
+    # The names live in their own module, loaded on the first refusal or error screen: a payment that
+    # succeeds never spends heap on them.
+    from paytoken.reason_names import NAMES
+
     return NAMES[code] if 0 <= code < len(NAMES) else "reason %d" % code
 
 

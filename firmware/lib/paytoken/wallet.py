@@ -13,14 +13,14 @@
 #   RESULT  status u8, payee_seq u32, time u32, payee signature 64: the receipt of the last SENT
 #   RCVD    the payer's payment without type, version, txid and payee id; receipt status u8, time u32
 #   VOUCHER / ACK / STATUS   the backend's signed message as received; STATUS adds role u8, amount u32
-import os
 import struct
+from array import array
 
 from paytoken import reasons, wire
 from paytoken.crypto import p256
 from paytoken.ledger import Ledger
 from paytoken.reasons import Refused
-from paytoken.trust import payment_hash, signed_by
+from paytoken.trust import payment_hash
 
 K_SENT = 1
 K_RESULT = 2
@@ -39,8 +39,6 @@ DONE = "done"  # countersigned by the payee
 VOIDED = "voided"  # refused by the payee with a signed receipt: the money came back
 RECEIVED = "received"  # payee: credited, receipt sent
 REFUSED = "refused"  # payee: refused, signed refusal sent
-_FINAL = {ST: name for ST, name in ((wire.ST_SETTLED, "settled"), (wire.ST_REJECTED, "rejected"),
-                                    (wire.ST_REFUNDED, "refunded"))}
 
 _SENT = ">8sI8s32sI32s"
 _RESULT = ">BII64s"
@@ -77,9 +75,9 @@ class Wallet:
         self.acked_seq = 0
         self.known_time = 0
         self._nonces = []
-        self._payers = {}
+        # payee: payers' last counters (a payer-only card spends no heap on it)
+        self._payers = _PayerMemory(_PAYER_MEMORY) if self.cert.role & wire.ROLE_PAYEE else None
         self._open = {}  # payer: counter -> (ledger seq, amount) of payments without a final outcome
-        self._unacked = {}  # payer: counter -> (ledger seq, amount) spent since the last acknowledgement
         self._last_sent = None  # (counter, ledger seq, amount) of the newest SENT awaiting its receipt
         self._snap_counter = 0  # payer counter at the ledger's checkpoint
 
@@ -110,7 +108,6 @@ class Wallet:
             self.payments_since_sync += 1
             self.prev_hash = phash
             self._open[self.counter] = (seq, amount)
-            self._unacked[self.counter] = (seq, amount)
             self._last_sent = (self.counter, seq, amount)
             self._nonces.append(bytes(nonce))
             del self._nonces[:-_NONCE_MEMORY]
@@ -120,8 +117,8 @@ class Wallet:
             del self._open[counter]
             if body[0] != reasons.OK:  # refused by the payee: voided, the money returns
                 self.balance += amount
-                if self._unacked.pop(counter, None):
-                    self.offline_spent -= amount
+                self.offline_spent -= amount
+                self.payments_since_sync -= 1
         elif kind == K_RCVD:
             self.seq += 1
             if body[_RCVD_STATUS] == reasons.OK:
@@ -129,10 +126,8 @@ class Wallet:
                 self.balance += amount
                 # Remember where the payer's last payment is, not its hash: replay stays allocation-light,
                 # and the hash is rebuilt only when that payer pays again (last_from).
-                payers = self._payers
-                payers[bytes(body[:8])] = (counter, seq)
-                if len(payers) > _PAYER_MEMORY:
-                    payers.pop(next(iter(payers)))
+                if self._payers is not None:
+                    self._payers.put(body[:8], counter, seq)
         elif kind == K_VOUCHER:
             v = wire.decode_voucher(body)
             self.voucher_counter = v.counter
@@ -143,12 +138,9 @@ class Wallet:
             self.acked_seq = a.upto_seq
             self._saw_time(a.issued_at)
             # Spending the backend has acknowledged no longer counts against the offline limit; what
-            # came after the acknowledged record still does.
-            unacked = self._unacked
-            for c in [c for c, (s, _) in unacked.items() if s <= a.upto_seq]:
-                del unacked[c]
-            self.offline_spent = sum(amount for _, amount in unacked.values())
-            self.payments_since_sync = len(unacked)
+            # came after the acknowledged record still does. Counted again from the flash, not kept in
+            # RAM: the heap stays flat however many payments wait for their acknowledgement.
+            self.offline_spent, self.payments_since_sync = self._spent_between(a.upto_seq, seq)
         elif kind == K_STATUS:
             n = len(body)
             st = wire.decode_status(body[:n - 5])
@@ -166,6 +158,25 @@ class Wallet:
                 self.balance -= amount  # a credit the backend will never settle
         else:
             raise ValueError("unknown ledger record")
+
+    def _spent_between(self, after, before):
+        # (amount, payments) sent and not voided in ledger records after..before, both excluded.
+        spent = n = last = 0
+        records = self.ledger.records(after + 1)
+        try:
+            for seq, payload in records:
+                if seq >= before:
+                    break
+                if payload[0] == K_SENT:
+                    last = struct.unpack_from(">I", payload, 9)[0]
+                    spent += last
+                    n += 1
+                elif payload[0] == K_RESULT and payload[1] != reasons.OK:
+                    spent -= last
+                    n -= 1
+        finally:
+            records.close()  # closes its file now, not when the GC finds it
+        return spent, n
 
     def _saw_time(self, t):
         if t > self.known_time:
@@ -231,7 +242,7 @@ class Wallet:
     # ---- payee ----
     def last_from(self, payer_id):
         # (counter, payment hash or None) of the last payment we accepted from this payer, or None.
-        entry = self._payers.get(bytes(payer_id))
+        entry = self._payers and self._payers.get(payer_id)
         if entry is None:
             return None
         if entry[1] <= self.ledger.base_seq:
@@ -256,44 +267,25 @@ class Wallet:
             _RCVD, p.payer_id, p.amount, p.currency, p.counter, p.offline_spent, p.prev_hash, p.qr_nonce,
             p.handshake_hash, p.time, wire.signature(payment_raw), rc.status, rc.time))
 
-    # ---- backend updates (signed by the backend key; a relay can only deliver or withhold them) ----
+    # ---- sync: backend updates, history, compaction (paytoken.wallet_sync, loaded when first needed) ----
     def apply_update(self, raw):
         # Applies one backend-signed message; True if it changed the wallet, False if already applied.
-        # Refused for anything unsigned, for another device, or out of order.
-        raw = bytes(raw)
-        if not raw:
-            raise Refused(reasons.FORMAT)
-        kind = raw[0]
-        try:
-            if kind == wire.T_REVOCATION:
-                return self._revocation(raw)
-            decode = {wire.T_VOUCHER: wire.decode_voucher, wire.T_ACK: wire.decode_ack,
-                      wire.T_STATUS: wire.decode_status}.get(kind)
-            if decode is None:
-                raise Refused(reasons.FORMAT, "unknown update")
-            msg = decode(raw)
-        except ValueError as e:
-            raise Refused(reasons.FORMAT, str(e))
-        if self.trust.backend_pub is None or not signed_by(self.trust.backend_pub, raw):
-            raise Refused(reasons.SIGNATURE, "update not signed by the backend")
-        if msg.device_id != self.device_id:
-            raise Refused(reasons.WALLET_ID, "update for another device")
-        if kind == wire.T_VOUCHER:
-            return self._voucher(msg)
-        if kind == wire.T_ACK:
-            return self._ack(msg)
-        return self._status(msg)
+        from paytoken import wallet_sync
 
-    def _revocation(self, raw):
-        # Newer lists only (Trust checks signature and version); kept in a file of its own, replaced
-        # atomically, because it is not money: it never goes into the ledger or its checkpoints.
-        if not self.trust.apply_revocation(raw):
-            return False
-        tmp = self._revocation_path + ".new"
-        with open(tmp, "wb") as f:
-            f.write(raw)
-        os.rename(tmp, self._revocation_path)
-        return True
+        return wallet_sync.apply_update(self, raw)
+
+    def history(self, limit=None):
+        # [role, txid, amount, state] for every payment still in the ledger, oldest first; with limit only the
+        # newest `limit` of them.
+        from paytoken import wallet_sync
+
+        return wallet_sync.history(self, limit)
+
+    def compact(self):
+        # Drops records the backend acknowledged; True if it did.
+        from paytoken import wallet_sync
+
+        return wallet_sync.compact(self)
 
     def _load_revocation(self):
         try:
@@ -306,121 +298,6 @@ class Wallet:
         except Refused:
             pass  # a damaged file: the next sync brings the list again
 
-    def _voucher(self, v):
-        if v.counter <= self.voucher_counter:
-            return False  # applied before: exactly once
-        if v.counter != self.voucher_counter + 1:
-            raise Refused(reasons.COUNTER, "voucher out of order")
-        if v.currency != self.cert.currency:
-            raise Refused(reasons.CURRENCY)
-        if self.balance + v.amount > self.cert.max_holding:
-            raise Refused(reasons.LIMIT_HOLDING)
-        self._append(bytes((K_VOUCHER,)) + v.raw)
-        return True
-
-    def _ack(self, a):
-        if a.upto_seq <= self.acked_seq:
-            return False
-        if a.upto_seq > self.ledger.seq:
-            raise Refused(reasons.COUNTER, "acknowledges records this device never wrote")
-        if self.ledger.hash_at(a.upto_seq) != a.chain_hash:
-            raise Refused(reasons.CHAIN, "acknowledgement does not match the ledger")
-        self._append(bytes((K_ACK,)) + a.raw)
-        return True
-
-    def _status(self, st):
-        counter = self._counter_of(st.txid)
-        if counter is not None:
-            amount = self._open[counter][1]
-            self._append(bytes((K_STATUS,)) + st.raw + struct.pack(">BI", wire.ROLE_PAYER, amount))
-            return True
-        found = self._find_payment(st.txid)
-        if found is None:
-            return False  # unknown, or already final here
-        role, amount, applied = found
-        if applied:
-            return False
-        if role == wire.ROLE_PAYER and st.status == wire.ST_REFUNDED:
-            return False  # a completed payment is never refunded
-        self._append(bytes((K_STATUS,)) + st.raw + struct.pack(">BI", role, amount))
-        return True
-
-    def _events(self):
-        # (kind, txid, amount, status) for each payment record still in the ledger, oldest first: SENT and
-        # RCVD carry txid and amount, RESULT the receipt status of the last SENT, STATUS the backend's.
-        counter = self._snap_counter
-        for _, payload in self.ledger.records(self.ledger.base_seq + 1):
-            kind = payload[0]
-            if kind == K_SENT:
-                counter += 1
-                yield kind, wire.txid(self.device_id, counter), struct.unpack_from(">I", payload, 9)[0], None
-            elif kind == K_RESULT:
-                yield kind, None, None, payload[1]
-            elif kind == K_RCVD:
-                amount, _, counter_in = struct.unpack_from(">IHI", payload, 9)
-                yield kind, wire.txid(bytes(payload[1:9]), counter_in), amount, payload[1 + _RCVD_STATUS]
-            elif kind == K_STATUS:
-                st = wire.decode_status(payload[1:len(payload) - 5])
-                yield kind, st.txid, None, st.status
-
-    def _find_payment(self, txid):
-        # (role, amount, a status already applied) of one of our payments still in the ledger, or None.
-        found = None
-        for kind, t, amount, status in self._events():
-            if t != txid:
-                continue
-            if kind == K_SENT:
-                found = [wire.ROLE_PAYER, amount, False]
-            elif kind == K_RCVD:
-                found = [wire.ROLE_PAYEE, amount if status == reasons.OK else 0, False]
-            elif found is not None:
-                found[2] = True
-        return found
-
-    # ---- history, for the screens and the sync client ----
-    def history(self):
-        # [role, txid, amount, state] for every payment still in the ledger, oldest first.
-        out = []
-        last = None
-        for kind, txid, amount, status in self._events():
-            if kind == K_SENT:
-                last = [wire.ROLE_PAYER, txid, amount, SENT]
-                out.append(last)
-            elif kind == K_RESULT:
-                last[3] = DONE if status == reasons.OK else VOIDED
-            elif kind == K_RCVD:
-                out.append([wire.ROLE_PAYEE, txid, amount, RECEIVED if status == reasons.OK else REFUSED])
-            else:
-                for entry in out:
-                    if entry[1] == txid:
-                        entry[3] = _FINAL[status]
-        return out
-
-    # ---- compaction ----
-    def compact(self):
-        # Drops records the backend acknowledged, up to the first payment still without an outcome,
-        # keeping the acknowledgement and the state at that point as the ledger's checkpoint.
-        upto = self.acked_seq
-        for seq, _ in self._open.values():
-            if seq <= upto:
-                upto = seq - 1
-        if upto <= self.ledger.base_seq:
-            return False
-        snapshot = self._state_at(upto)
-        self.ledger.compact(upto, snapshot)
-        return True
-
-    def _state_at(self, upto):
-        # The wallet's state after ledger record `upto`, serialised for the checkpoint.
-        r = _Replica(self)
-        for seq, payload in self.ledger.records(self.ledger.base_seq + 1):
-            if seq > upto:
-                break
-            r._apply(seq, payload)
-        snap = struct.pack(_SNAP, r.balance, r.counter, r.prev_hash, r.offline_spent, r.seq, r.voucher_counter,
-                           r.acked_seq, r.known_time, len(r._nonces))
-        return snap + b"".join(r._nonces)
-
     def _load_snapshot(self, snap):
         (self.balance, self.counter, self.prev_hash, self.offline_spent, self.seq, self.voucher_counter,
          self.acked_seq, self.known_time, n) = struct.unpack_from(_SNAP, snap, 0)
@@ -431,17 +308,44 @@ class Wallet:
             self.trust.now = self.known_time
 
 
-class _Clock:
-    now = None
+class _PayerMemory:
+    # The last (counter, ledger seq) of the `size` payers seen most recently, in fixed arrays: replaying
+    # thousands of payments allocates nothing, so the heap cannot fragment (a dict churned by evictions
+    # regrows its table again and again, and on a 64 KB heap one such table can fail to find room).
+    # When full, the payer first remembered longest ago is forgotten.
 
+    def __init__(self, size):
+        self._ids = bytearray(8 * size)
+        self._counters = array("I", bytes(4 * size))
+        self._seqs = array("I", bytes(4 * size))
+        self._size = size
+        self._n = 0  # slots in use
+        self._next = 0  # slot to fill next once all are in use
 
-class _Replica(Wallet):
-    # The same replay rules on a separate state: used to compute a past state without touching the live one.
-    def __init__(self, wallet):
-        self.device_id = wallet.device_id
-        self.cert = wallet.cert
-        self.trust = _Clock()
-        self.ledger = wallet.ledger
-        self._reset()
-        if wallet.ledger.checkpoint:
-            self._load_snapshot(wallet.ledger.checkpoint)
+    def _find(self, payer_id):
+        payer_id = bytes(payer_id)  # find() takes bytes, not a memoryview
+        ids = self._ids
+        end = 8 * self._n
+        i = ids.find(payer_id)
+        while 0 <= i < end:
+            if not i & 7:
+                return i >> 3
+            i = ids.find(payer_id, i + 1)
+        return -1
+
+    def get(self, payer_id):
+        i = self._find(payer_id)
+        return None if i < 0 else (self._counters[i], self._seqs[i])
+
+    def put(self, payer_id, counter, seq):
+        i = self._find(payer_id)
+        if i < 0:
+            if self._n < self._size:
+                i = self._n
+                self._n += 1
+            else:
+                i = self._next
+                self._next = (i + 1) % self._size
+            self._ids[8 * i:8 * i + 8] = payer_id
+        self._counters[i] = counter
+        self._seqs[i] = seq

@@ -35,9 +35,9 @@ VERSION = const(1)
 ROLE_PAYER = const(1)
 ROLE_PAYEE = const(2)
 
-QR_VERSION = const(1)
-QR_ADDR_RANDOM = const(1)
-QR_HAS_AMOUNT = const(2)
+_QR_VERSION = const(1)
+_QR_ADDR_RANDOM = const(1)
+_QR_HAS_AMOUNT = const(2)
 
 
 class WireError(ValueError):
@@ -218,8 +218,8 @@ def signature(raw):
 
 
 # ---- QR payload (what the payee shows; base45 text in a QR code) ----
-# byte 0: version << 4 | flags (QR_ADDR_RANDOM, QR_HAS_AMOUNT); wallet_short 4 (first bytes of the payee's
-# device id); ble_addr 6; x25519_pub 32; nonce 8; [amount u32, currency u16 if QR_HAS_AMOUNT]
+# byte 0: version << 4 | flags (_QR_ADDR_RANDOM, _QR_HAS_AMOUNT); wallet_short 4 (first bytes of the payee's
+# device id); ble_addr 6; x25519_pub 32; nonce 8; [amount u32, currency u16 if _QR_HAS_AMOUNT]
 # 51 bytes = 77 base45 characters without an amount: exactly a version-3 QR at level L.
 _QR = ">B4s6s32s8s"
 QR_LEN = struct.calcsize(_QR)
@@ -232,29 +232,29 @@ QrPayload = namedtuple("QrPayload", ("wallet_short", "ble_addr", "addr_random", 
 def qr_payload(wallet_short, ble_addr, addr_random, x25519_pub, nonce, amount=None, currency=None):
     if (len(wallet_short), len(ble_addr), len(x25519_pub), len(nonce)) != (WALLET_SHORT_LEN, 6, 32, NONCE_LEN):
         raise WireError("qr: bad field length")
-    flags = QR_ADDR_RANDOM if addr_random else 0
+    flags = _QR_ADDR_RANDOM if addr_random else 0
     tail = b""
     if amount is not None:
-        flags |= QR_HAS_AMOUNT
+        flags |= _QR_HAS_AMOUNT
         tail = struct.pack(">IH", amount, currency)
-    return struct.pack(_QR, QR_VERSION << 4 | flags, wallet_short, ble_addr, x25519_pub, nonce) + tail
+    return struct.pack(_QR, _QR_VERSION << 4 | flags, wallet_short, ble_addr, x25519_pub, nonce) + tail
 
 
 def decode_qr(data):
     data = bytes(data)
     if not data:
         raise WireError("qr: empty")
-    if data[0] >> 4 != QR_VERSION:
+    if data[0] >> 4 != _QR_VERSION:
         raise WireError("qr: unknown version")
     flags = data[0] & 15
-    if flags & ~(QR_ADDR_RANDOM | QR_HAS_AMOUNT):
+    if flags & ~(_QR_ADDR_RANDOM | _QR_HAS_AMOUNT):
         raise WireError("qr: unknown flags")
-    _check_len(data, QR_AMOUNT_LEN if flags & QR_HAS_AMOUNT else QR_LEN, "qr")
+    _check_len(data, QR_AMOUNT_LEN if flags & _QR_HAS_AMOUNT else QR_LEN, "qr")
     _, wallet_short, addr, xpub, nonce = struct.unpack_from(_QR, data, 0)
     amount = currency = None
-    if flags & QR_HAS_AMOUNT:
+    if flags & _QR_HAS_AMOUNT:
         amount, currency = struct.unpack_from(">IH", data, QR_LEN)
-    return QrPayload(wallet_short, addr, bool(flags & QR_ADDR_RANDOM), xpub, nonce, amount, currency, data)
+    return QrPayload(wallet_short, addr, bool(flags & _QR_ADDR_RANDOM), xpub, nonce, amount, currency, data)
 
 
 # ---- session messages (plaintext inside the Noise session; the prologue binds the protocol version) ----
@@ -263,11 +263,11 @@ def decode_qr(data):
 #      requested amount u32 (0: the payer enters it), currency u16, cert_len u16, payee certificate
 # msg3 payer -> payee, transport: PAYMENT_MSG, payment  |  ABORT, reason u8
 # msg4 payee -> payer, transport: RECEIPT_MSG, receipt
-M_PAYER_HELLO = const(0x11)
-M_PAYEE_HELLO = const(0x12)
-M_PAYMENT = const(0x13)
-M_RECEIPT = const(0x14)
-M_ABORT = const(0x15)
+_M_PAYER_HELLO = const(0x11)
+_M_PAYEE_HELLO = const(0x12)
+_M_PAYMENT = const(0x13)
+_M_RECEIPT = const(0x14)
+_M_ABORT = const(0x15)
 
 PayeeHello = namedtuple("PayeeHello", ("status", "amount", "currency", "cert"))
 
@@ -278,12 +278,12 @@ def _expect(data, kind, min_len):
 
 
 def payer_hello(cert):
-    return struct.pack(">BH", M_PAYER_HELLO, len(cert)) + cert
+    return struct.pack(">BH", _M_PAYER_HELLO, len(cert)) + cert
 
 
 def decode_payer_hello(data):
     data = bytes(data)
-    _expect(data, M_PAYER_HELLO, 3)
+    _expect(data, _M_PAYER_HELLO, 3)
     n = struct.unpack_from(">H", data, 1)[0]
     _check_len(data, 3 + n, "payer hello")
     return data[3:]
@@ -291,13 +291,13 @@ def decode_payer_hello(data):
 
 def payee_hello(status, amount=0, currency=0, cert=b""):
     if status:
-        return bytes((M_PAYEE_HELLO, status))
-    return struct.pack(">BBIHH", M_PAYEE_HELLO, status, amount, currency, len(cert)) + cert
+        return bytes((_M_PAYEE_HELLO, status))
+    return struct.pack(">BBIHH", _M_PAYEE_HELLO, status, amount, currency, len(cert)) + cert
 
 
 def decode_payee_hello(data):
     data = bytes(data)
-    _expect(data, M_PAYEE_HELLO, 2)
+    _expect(data, _M_PAYEE_HELLO, 2)
     status = data[1]
     if status:
         _check_len(data, 2, "payee hello")
@@ -310,30 +310,30 @@ def decode_payee_hello(data):
 
 
 def payment_msg(payment):
-    return bytes((M_PAYMENT,)) + payment
+    return bytes((_M_PAYMENT,)) + payment
 
 
 def abort_msg(reason):
-    return bytes((M_ABORT, reason))
+    return bytes((_M_ABORT, reason))
 
 
 def receipt_msg(receipt):
-    return bytes((M_RECEIPT,)) + receipt
+    return bytes((_M_RECEIPT,)) + receipt
 
 
 def decode_payer_final(data):
     # msg3: ("payment", payment bytes) or ("abort", reason)
     data = bytes(data)
-    if len(data) == 2 and data[0] == M_ABORT:
+    if len(data) == 2 and data[0] == _M_ABORT:
         return "abort", data[1]
-    _expect(data, M_PAYMENT, 1 + PAYMENT_LEN)
+    _expect(data, _M_PAYMENT, 1 + PAYMENT_LEN)
     _check_len(data, 1 + PAYMENT_LEN, "payment message")
     return "payment", data[1:]
 
 
 def decode_receipt_msg(data):
     data = bytes(data)
-    _expect(data, M_RECEIPT, 1 + RECEIPT_LEN)
+    _expect(data, _M_RECEIPT, 1 + RECEIPT_LEN)
     _check_len(data, 1 + RECEIPT_LEN, "receipt message")
     return data[1:]
 

@@ -4,7 +4,8 @@ from micropython import const
 
 from paytoken.crypto.ct import equal
 
-_G = const(4)  # GHASH blocks per reduction; H^1..H^G are kept per key (4: best measured trade-off)
+_G = const(1)  # GHASH blocks per reduction; H^1..H^G kept per key. 4 is ~20% faster on 256 B but holds
+# 20 big ints per key instead of 5: with three keys alive in a payment, 1 saves ~2 KB of a 64 KB heap
 _CB = const(16)  # counter blocks per ECB call: one C call per 256 bytes, from a fixed 256-byte buffer
 _MAX_PT = const((1 << 36) - 32)  # SP 800-38D limit: the 32-bit block counter must not wrap
 _S = const(256)  # slot width: a 128x128-bit product fits, so slots never carry into each other
@@ -45,6 +46,11 @@ _CREP = const(((1 << 128 * _CB) - 1) // ((1 << 128) - 1))
 _CDESC = const(((1 << 128 * _CB) - _CB * (1 << 128) + _CB - 1) // ((1 << 128) - 1) ** 2)
 
 
+# Keystream scratch shared by every key: nothing runs two encryptions at once, and per key it would cost
+# 256 bytes of heap for as long as the key lives.
+_KS = memoryview(bytearray(16 * _CB))
+
+
 def _pieces(h):
     return (
         h & _R5 & _M128,
@@ -62,7 +68,6 @@ class AESGCM:
         if len(key) != 16 and len(key) != 32:
             raise ValueError("AES-GCM key must be 16 or 32 bytes")
         self._aes = aes(key, 1)
-        self._ks = memoryview(bytearray(16 * _CB))
         h = int.from_bytes(self._aes.encrypt(bytes(16)), "big")
         self._pw = [_pieces(h)]
         hk = h
@@ -130,7 +135,7 @@ class AESGCM:
         if n > _MAX_PT:
             raise ValueError("AES-GCM message too long")
         base = (int.from_bytes(nonce, "big") << 32) | 2
-        ks = self._ks
+        ks = _KS
         enc = self._aes.encrypt
         off = 0
         while off < n:

@@ -30,3 +30,9 @@ def uart_scanner(info):
 
     s = info["scanner"]
     return Scanner(UART(s["uart"], baudrate=s["baud"], tx=s["tx"], rx=s["rx"], rxbuf=s["rxbuf"]))
+
+
+def storage():
+    # The data root on the ESP32 boards: MicroPython mounts the flash's LittleFS v2 at "/" before boot.py,
+    # so the store and the ledger live beside the firmware (paytoken.store: /store/, /ledger/).
+    return "/"

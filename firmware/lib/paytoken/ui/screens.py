@@ -12,8 +12,11 @@
 #   ('payer_confirm', amount, currency, payee_id_hex_short)
 #   ('payer_paid', amount, currency, balance)
 #   ('payer_declined', reason_code)
+#   ('payer_working', step_text)                a session under way: "Connecting...", "Sending..."
+#   ('payer_unconfirmed', amount, currency)     the payment left, its receipt did not come: the backend decides
 #   ('payer_balance', balance, currency, last_payments)  last_payments: [(role, amount, state), ...] with
 #                                               role wire.ROLE_PAYER (money out) or ROLE_PAYEE (money in)
+#   ('unprovisioned', detail)                   no complete device store: the device does not pay
 #
 # fb is the display driver's framebuf.FrameBuffer, monochrome: 1 = lit/light, 0 = dark (a colour driver
 # maps 1 to white). Only framebuf drawing calls and the built-in 8x8 font; text is scaled up by whole
@@ -39,7 +42,7 @@ _ROLE_PAYEE = const(2)  # wire.ROLE_PAYEE: the payment came in
 # Button hints, one footer line each, named as the boards name their buttons (board.json: confirm, down; up
 # on three-button boards). The application owns the buttons and the input scheme: it may replace these.
 HINT_CONFIRM = "CONFIRM: pay\nDOWN: cancel"
-HINT_AMOUNT = "DOWN: digit +1\nCONFIRM: next"
+HINT_AMOUNT = "DOWN: digit +1\nCONFIRM: next\nHOLD CONFIRM: ok"
 
 # One glyph at a time for scaled text: 8 bytes, reused.
 _glyph = bytearray(8)
@@ -294,6 +297,21 @@ def payer_declined(fb, w, h, code):
     _stack(fb, 0, w, top, h, [(_reason(code), kt, 3)], 1)
 
 
+def payer_working(fb, w, h, step):
+    top, kt, _ = _frame(fb, w, h, "PAYING")
+    _stack(fb, 0, w, top, h, [(step, kt, 3)], 1)
+
+
+def payer_unconfirmed(fb, w, h, amount, currency):
+    top, kt, kb = _frame(fb, w, h, "NO RECEIPT")
+    _stack(fb, 0, w, top, h, [(money(amount, currency) + " sent", kb, 2), ("Settled at next sync", kt, 2)], 1)
+
+
+def unprovisioned(fb, w, h, detail):
+    top, kt, _ = _frame(fb, w, h, "NOT SET UP")
+    _stack(fb, 0, w, top, h, [("Device not provisioned", kt, 2), (detail, 1, 3)], 1)
+
+
 def payer_balance(fb, w, h, balance, currency, last):
     top, kt, kb = _frame(fb, w, h, "BALANCE")
     s = money(balance, currency)
@@ -337,6 +355,9 @@ _SCREENS = {
     "payer_paid": (payer_paid, 3, 3),
     "payer_declined": (payer_declined, 1, 1),
     "payer_balance": (payer_balance, 3, 3),
+    "payer_working": (payer_working, 1, 1),
+    "payer_unconfirmed": (payer_unconfirmed, 2, 2),
+    "unprovisioned": (unprovisioned, 1, 1),
 }
 NAMES = tuple(sorted(_SCREENS))
 

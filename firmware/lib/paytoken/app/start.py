@@ -1,0 +1,88 @@
+# Start-up after the self-test (main.py): the board's display, the device store, the wallet, the radio, and
+# the app the certificate's role asks for.
+#
+#   run(board, make_transport=None, sessions=None, out=None)
+#       board: the board module (display(), buttons(cb), scanner(), storage()); make_transport(app) gives the
+#       app's transport (default: transport() below); sessions and out go to the app (tests, the demo).
+#       Returns the app after it stopped, or None when the device cannot pay: an unprovisioned or damaged
+#       store, or no radio. Then the screen says why and main.py returns to the REPL, where provisioning
+#       (over USB) can reach the device.
+#   open_device(root) -> (store.Device, Trust, Wallet); StoreError when the store is incomplete or wrong.
+#   transport(app)    the BLE transport from paytoken.ble (its own module), None when the build has none.
+import asyncio
+import sys
+
+from paytoken import store
+from paytoken.app.io import Keys, Log, Screen
+from paytoken.reasons import Refused
+
+
+def forget(name):
+    # Unload a module that has done its job (the self-test): its code leaves the heap at the next collection.
+    sys.modules.pop(name, None)
+    parent, _, child = name.rpartition(".")
+    if parent in sys.modules:
+        try:
+            delattr(sys.modules[parent], child)
+        except (AttributeError, KeyError):  # MicroPython: KeyError for a module attribute that is not there
+            pass
+
+
+def transport(app):
+    # paytoken.ble provides payee_transport() (for the terminal) and payer_transport() (for the card);
+    # see docs/architecture.md, "Transport". Imported only here, so a build without it still starts.
+    try:
+        from paytoken import ble
+    except ImportError as e:
+        print("paytoken: no BLE transport (%s)" % e)
+        return None
+    return ble.payee_transport() if app == "terminal" else ble.payer_transport()
+
+
+def open_device(root):
+    from paytoken.trust import Trust
+    from paytoken.wallet import Wallet
+
+    dev = store.load(root)
+    trust = Trust(dev.issuer_pub, dev.backend_pub)
+    try:
+        trust.check_cert(dev.cert_raw, dev.cert.role)  # the issuer's signature, the role (no clock yet)
+    except Refused as r:
+        raise store.StoreError(store.MISMATCH, "cert.bin", str(r))
+    return dev, trust, Wallet(dev.ledger_path, dev.identity_priv, dev.cert_raw, trust)
+
+
+def build(board, dev, trust, wallet, transport, screen, out=None):
+    log = Log(dev.name, out)
+    if dev.app == "terminal":
+        from paytoken.app.terminal import Terminal
+
+        qr_amount = dev.config.get("qr_amount", screen.display.height >= 120)  # a version-4 QR fits
+        return Terminal(wallet, trust, dev.static_priv, dev.static_pub, transport, screen, log,
+                        dev.config.get("amount"), qr_amount)
+    from paytoken.app.card import Card
+
+    return Card(wallet, trust, transport, screen, Keys(board.buttons), board.scanner(), log)
+
+
+def run(board, make_transport=None, sessions=None, out=None):
+    screen = Screen(board.display())
+    log = out or print
+    try:
+        dev, trust, wallet = open_device(board.storage())
+    except store.StoreError as e:
+        log("EVENT device halted why=unprovisioned file=%s kind=%s" % (e.name, e.kind))
+        screen.show("unprovisioned", str(e))
+        return None
+    except OSError as e:  # no filesystem to read the store from
+        log("EVENT device halted why=storage")
+        screen.show("unprovisioned", "storage: " + str(e))
+        return None
+    t = (make_transport or transport)(dev.app)
+    if t is None:
+        log("EVENT %s halted why=transport" % dev.name)
+        screen.show("unprovisioned", "no BLE transport in this build")
+        return None
+    app = build(board, dev, trust, wallet, t, screen, out)
+    asyncio.run(app.run(sessions))
+    return app

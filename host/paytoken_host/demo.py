@@ -1,0 +1,321 @@
+"""`make demo`: the seed's example in simulation. A merchant terminal shows a QR, a wallet card pays $100.00 over
+BLE, both store the signed record, with no internet anywhere.
+
+Each device is its own `micropython` process running the firmware's main.py with the unix_sim board: flash
+image, display, buttons and QR scanner simulated, BLE through the virtual radio (paytoken_host.simradio, 30 ms
+connection interval). Between them there is only the radio and what a person does: the QR is read off the
+terminal's screen with zxing-cpp and held in front of the card's scanner, and the card's confirm button is
+pressed when it asks.
+
+Writes into --out (default build/demo): payer.img and payee.img (the devices' flash), payee_qr.png (the QR
+screen), and summary.json: `devices` [{id, role, identity_public_key, balance}] and `records` [{payer, payee,
+amount, currency, payment, payer_sig, receipt, payee_sig}] (hex; payment and receipt are the exact bytes signed),
+so anyone can check every signature with an independent library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paytoken import base45, wire
+from paytoken_host import protocol, simdevice
+from paytoken_host.simradio.broker import BrokerThread
+
+ROOT = Path(__file__).resolve().parents[2]
+SIG = 64
+
+
+class DemoError(Exception):
+    pass
+
+
+Launcher = Callable[[str], tuple[list[str], dict[str, str]]]  # heapsize -> (argv, environment) running main.py
+
+
+def files_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
+    """main.py with the firmware's .mpy files on the path (cwd: the built firmware), as `make deploy-files`."""
+    return [simdevice.micropython_command(), "-X", f"heapsize={heap}", "main.py"], dict(
+        os.environ, MICROPYPATH=".frozen:lib")
+
+
+class Device:
+    """One simulated device: main.py in its own process; its event lines and screen frames, in order."""
+
+    def __init__(self, name: str, firmware: Path, heap: str, env: dict[str, str], launch: Launcher = files_launcher):
+        self.name = name
+        argv, base = launch(heap)
+        base = {k: v for k, v in base.items() if not k.startswith("PAYTOKEN_SIM_")}
+        self.proc = subprocess.Popen(argv, cwd=firmware, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=dict(base, PAYTOKEN_SIM_TERM="1", **env))
+        self.cpu_start = 0.0
+        self.items: queue.Queue[tuple[str, object] | None] = queue.Queue()
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        # ("event", (name, {k: v})) or ("frame", [lines]) or ("text", line), in the order the device wrote them
+        assert self.proc.stdout
+        frame: list[str] | None = None
+        rows = 0
+        for raw in self.proc.stdout:
+            line = raw.rstrip("\n")
+            self.lines.append(line)
+            if frame is not None:
+                frame.append(line)
+                if len(frame) == rows:
+                    self.items.put(("frame", frame))
+                    frame = None
+                continue
+            if line.startswith("FRAME "):
+                rows = (int(line.split()[2].split("x")[1]) + 1) // 2
+                frame = []
+            elif line.startswith("EVENT "):
+                parts = line.split()
+                fields = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
+                self.items.put(("event", (parts[2], fields)))
+            elif line.strip():
+                self.items.put(("text", line))
+        self.items.put(None)
+
+    def until(self, event: str, show, timeout: float = 30) -> dict:
+        """Hands every frame and event to show() until `event` arrives; returns its fields."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                item = self.items.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise DemoError(f"{self.name}: no '{event}' within {timeout:.0f} s") from None
+            if item is None:
+                raise DemoError(f"{self.name} stopped before '{event}':\n" + "\n".join(self.lines[-15:]))
+            show(self.name, item)
+            if item[0] == "event" and item[1][0] in ("failed", "halted", "error"):
+                raise DemoError(f"{self.name}: {item[1][0]} {item[1][1]}")
+            if item[0] == "event" and item[1][0] == event:
+                return item[1][1]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the device's process so far (Linux /proc)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def printer(out):
+    def show(name: str, item: tuple[str, object]) -> None:
+        kind, value = item
+        if kind == "frame":
+            print(f"  [{name} screen]", file=out)
+            for line in value:  # type: ignore[union-attr]
+                print("  |" + line, file=out)
+        elif kind == "event":
+            event, fields = value  # type: ignore[misc]
+            print(f"{name:>6}: {event} " + " ".join(f"{k}={v}" for k, v in fields.items()), file=out)
+        else:
+            print(f"{name:>6}: {value}", file=out)
+        out.flush()
+
+    return show
+
+
+def read_qr(png: Path) -> str:
+    import zxingcpp
+    from PIL import Image
+
+    found = zxingcpp.read_barcodes(Image.open(png))
+    if not found:
+        raise DemoError(f"no QR code found on the terminal's screen ({png})")
+    return found[0].text
+
+
+EXPORT = """
+import board
+from binascii import hexlify
+from paytoken.app import start
+from paytoken import wallet_sync
+_dev, _trust, _w = start.open_device(board.storage({image!r}, "/flash"))
+print("BALANCE", _w.balance)
+for _role, _p, _r in wallet_sync.signed_payments(_w):
+    print("PAYMENT", _role, hexlify(_p).decode(), hexlify(_r).decode() if _r else "-")
+_w.ledger.close()
+board.unmount("/flash")
+"""
+
+
+def export(image: Path, firmware: Path) -> tuple[int, list[tuple[int, bytes, bytes | None]]]:
+    """A device's balance and its signed payments, read from its flash image by the firmware itself."""
+    env = dict(os.environ, MICROPYPATH=f".frozen:{firmware / 'lib'}:{firmware}")
+    proc = subprocess.run([simdevice.micropython_command(), "-X", "heapsize=1M", "-c",
+                           EXPORT.format(image=str(image.resolve()))],
+                          capture_output=True, text=True, env=env, timeout=60)
+    if proc.returncode != 0:
+        raise DemoError(f"reading {image} failed: {proc.stdout}{proc.stderr}")
+    balance, payments = None, []
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["BALANCE"]:
+            balance = int(parts[1])
+        elif parts[:1] == ["PAYMENT"]:
+            receipt = None if parts[3] == "-" else bytes.fromhex(parts[3])
+            payments.append((int(parts[1]), bytes.fromhex(parts[2]), receipt))
+    if balance is None:
+        raise DemoError(f"reading {image}: no balance in {proc.stdout!r}")
+    return balance, payments
+
+
+@dataclass
+class Payment:
+    """What one simulated payment did: timings, CPU, bytes over the air, the devices' logs."""
+
+    seconds: float = 0.0  # from the QR read off the screen to both records durable (both "paid" events)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per device over the same span
+    air: dict[str, int] = field(default_factory=dict)  # ATT bytes over the air: to_payee, to_payer, pdus
+    paid: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, simdevice.DeviceKeys] = field(default_factory=dict)
+    logs: dict[str, list[str]] = field(default_factory=dict)
+
+
+def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_000, interval_ms: float = 30,
+        heaps: dict[str, str] | None = None, launch: Launcher = files_launcher, show=None, out=None) -> Payment:
+    """Provision a payee terminal and a payer card in out_dir, run one payment between them, return what it did.
+    DemoError when a device fails, halts or stalls (the devices' last lines in the message)."""
+    from paytoken_host.simradio.broker import RadioConfig
+
+    heaps = heaps or {"payer": "512K", "payee": "512K"}
+    show = show or (lambda name, item: None)
+
+    def say(text: str) -> None:
+        if out is not None:
+            print(text, file=out)
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    auth = simdevice.Authority()
+    result = Payment(keys={"payer": auth.device(wire.ROLE_PAYER), "payee": auth.device(wire.ROLE_PAYEE)})
+    say(f"provisioning a payee terminal and a payer card (test issuer; card loaded with ${balance / 100:.2f})")
+    simdevice.provision(out_dir / "payee.img", auth, result.keys["payee"], config={"name": "payee", "amount": amount},
+                        firmware=firmware)
+    simdevice.provision(out_dir / "payer.img", auth, result.keys["payer"],
+                        [auth.voucher(result.keys["payer"], 1, balance)], {"name": "payer"}, firmware)
+    (out_dir / "scanner").write_text("")
+    (out_dir / "buttons").write_text("")
+    devices: list[Device] = []
+    with BrokerThread(config=RadioConfig(interval_ms=interval_ms)) as radio:
+        try:
+            env = {"PAYTOKEN_RADIO": radio.address}
+            payee = Device("payee", firmware, heaps["payee"], dict(
+                env, PAYTOKEN_SIM_FLASH=str(out_dir / "payee.img"),
+                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payee_screen.png")), launch)
+            devices.append(payee)
+            payer = Device("payer", firmware, heaps["payer"], dict(
+                env, PAYTOKEN_SIM_FLASH=str(out_dir / "payer.img"), PAYTOKEN_SIM_SCANNER=str(out_dir / "scanner"),
+                PAYTOKEN_SIM_BUTTONS=str(out_dir / "buttons"),
+                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payer_screen.png")), launch)
+            devices.append(payer)
+            qr = payee.until("qr", show)
+            payer.until("ready", show)
+            shutil.copy(out_dir / "payee_screen.png", out_dir / "payee_qr.png")
+            text = read_qr(out_dir / "payee_qr.png")
+            if wire.decode_qr(base45.decode(text)).nonce.hex() != qr["nonce"]:
+                raise DemoError("the QR on the screen is not the one the terminal announced")
+            say(f"\nzxing-cpp read the terminal's QR: {text}\nthe card's scanner sees it")
+            t0 = time.monotonic()
+            cpu0 = {d.name: d.cpu_seconds() for d in devices}
+            with open(out_dir / "scanner", "a") as f:
+                f.write(text + "\n")
+            payer.until("ask", show)
+            say("\nthe card holder presses CONFIRM")  # at once: the span measured is the system's alone
+            with open(out_dir / "buttons", "a") as f:
+                f.write("confirm\n")
+            result.paid = payer.until("paid", show)
+            payee.until("paid", show)
+            result.seconds = time.monotonic() - t0
+            result.cpu = {d.name: d.cpu_seconds() - cpu0[d.name] for d in devices}
+            links = radio.links(all=True)
+            result.air = {"to_payee": sum(k["stats"]["c2p"]["bytes"] for k in links),
+                          "to_payer": sum(k["stats"]["p2c"]["bytes"] for k in links),
+                          "pdus": sum(k["stats"]["c2p"]["pdus"] + k["stats"]["p2c"]["pdus"] for k in links)}
+            time.sleep(0.3)  # the last screens
+            for d in devices:
+                while not d.items.empty():
+                    item = d.items.get()
+                    if item is not None:
+                        show(d.name, item)
+        finally:
+            for d in devices:
+                d.stop()
+                result.logs[d.name] = d.lines
+    return result
+
+
+def run(out_dir: Path, amount: int, balance: int, interval_ms: float, heap: str, firmware: Path, out) -> dict:
+    result = pay(out_dir, firmware, amount, balance, interval_ms, {"payer": heap, "payee": heap},
+                 show=printer(out), out=out)
+    print(f"\npaid in {result.seconds:.2f} s from the QR scan to both records stored", file=out)
+    summary = summarise(out_dir, firmware, result.keys["payer"], result.keys["payee"])
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarise(out_dir: Path, firmware: Path, payer_keys: simdevice.DeviceKeys,
+              payee_keys: simdevice.DeviceKeys) -> dict:
+    devices, records = [], []
+    for keys, image in ((payee_keys, out_dir / "payee.img"), (payer_keys, out_dir / "payer.img")):
+        bal, payments = export(image, firmware)
+        devices.append({"id": keys.device_id.hex(), "role": "payer" if keys.role == wire.ROLE_PAYER else "payee",
+                        "identity_public_key": protocol.sec1(keys.identity.public_key()).hex(), "balance": bal})
+        if keys.role == wire.ROLE_PAYEE:
+            for _, payment, receipt in payments:
+                p = wire.decode_payment(payment)
+                records.append({"payer": p.payer_id.hex(), "payee": p.payee_id.hex(), "amount": p.amount,
+                                "currency": p.currency, "payment": payment[:-SIG].hex(),
+                                "payer_sig": payment[-SIG:].hex(),
+                                "receipt": receipt[:-SIG].hex() if receipt else None,
+                                "payee_sig": receipt[-SIG:].hex() if receipt else None})
+    return {"devices": devices, "records": records}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "demo", help="output folder (default build/demo)")
+    ap.add_argument("--amount", type=int, default=10_000, help="amount in cents (default 10000: $100.00)")
+    ap.add_argument("--balance", type=int, default=100_000, help="the card's load in cents (default $1000.00)")
+    ap.add_argument("--interval-ms", type=float, default=30, help="BLE connection interval (default 30)")
+    ap.add_argument("--heap", default="512K", help="-X heapsize of each device (default 512K)")
+    ap.add_argument("--firmware", type=Path, default=ROOT / "build" / "firmware", help="built firmware (make firmware)")
+    args = ap.parse_args(argv)
+    if not (args.firmware / "main.py").exists():
+        print(f"demo: no firmware in {args.firmware}: run `make firmware`", file=sys.stderr)
+        return 2
+    try:
+        summary = run(args.out, args.amount, args.balance, args.interval_ms, args.heap, args.firmware.resolve(),
+                      sys.stdout)
+    except DemoError as e:
+        print(f"demo failed: {e}", file=sys.stderr)
+        return 1
+    for d in summary["devices"]:
+        print(f"{d['role']:>6} {d['id']}  balance ${d['balance'] / 100:.2f}")
+    print(f"wrote {args.out / 'payee_qr.png'} and {args.out / 'summary.json'} ({len(summary['records'])} record)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""A payer and a payee as two devices: each in its own MicroPython process started as main.py starts it (self-test,
+store, wallet, display, app), the radio through files, the QR read by zxing-cpp from the payee display's PNG and
+held in front of the payer's scanner, the confirm press written to its buttons file (tests/harness/pair.py). Each
+role must complete a payment within its heap budget (docs/simulator.md, "Heap budgets")."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from paytoken import base45, wire
+from tests.harness.pair import Images, run_pair
+
+# Code loaded from .mpy files lives in the heap on the unix port (64-bit): the role's code is most of this.
+HEAP_MPY = "192K"
+# With the firmware frozen into the interpreter, as a production ESP32 image has it: the device budget.
+HEAP_FROZEN = "96K"
+FROZEN = os.environ.get("PAYTOKEN_FROZEN_MICROPYTHON")  # a unix port with paytoken (and board) frozen in
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Images:
+    return Images(tmp_path_factory.mktemp("images"))
+
+
+def test_two_devices_pay_across_processes(images, tmp_path):
+    r = run_pair(images, tmp_path / "run", display_png=True)
+    assert r["ok"], r["log"]
+    ev = r["events"]
+    qr = wire.decode_qr(base45.decode(ev["qr_text"]["text"]))  # what zxing read off the payee's screen
+    assert qr.nonce.hex() == ev["qr"]["nonce"] and qr.wallet_short == images.payee.device_id[:4]
+    assert ev["payer_paid"]["amount"] == "10000" and ev["payer_paid"]["balance"] == "90000"
+    assert ev["payee_paid"]["balance"] == "10000" and ev["payee_paid"]["payer"] == images.payer.device_id.hex()
+    assert ev["ask"]["what"] == "confirm"
+    # each process loaded only its own role's app
+    assert "paytoken.app.card" in r["modules"]["payer"] and "paytoken.payee" not in r["modules"]["payer"]
+    assert "paytoken.app.terminal" in r["modules"]["payee"] and "paytoken.payer" not in r["modules"]["payee"]
+    assert "paytoken.qr" not in r["modules"]["payer"]  # the QR encoder is the payee's alone
+
+
+def test_each_role_pays_within_its_heap_budget(images, tmp_path):
+    r = run_pair(images, tmp_path / "run", payer_heap=HEAP_MPY, payee_heap=HEAP_MPY)
+    assert r["ok"], r["log"]
+
+
+@pytest.mark.skipif(not FROZEN, reason="set PAYTOKEN_FROZEN_MICROPYTHON to a unix port with the firmware frozen in")
+def test_each_role_pays_in_96k_when_frozen(images, tmp_path):
+    r = run_pair(images, tmp_path / "run", payer_heap=HEAP_FROZEN, payee_heap=HEAP_FROZEN, micropython=FROZEN)
+    assert r["ok"], r["log"]
