@@ -632,3 +632,15 @@ def test_link_drop_during_set_up(radio):
     clean(e)
     assert r["connect"].startswith("closed"), r
     assert e["accept"] == ["timeout: no payer"]
+
+
+def test_backlog_of_unread_messages_ends_session(radio):
+    # Four complete messages wait for recv(); a fifth before the payee reads any ends the session (FRAME),
+    # after the four already received are handed out.
+    pe, addr = payee(radio, [["sleep", 1500]] + [["recv", 10, 1000]] * 6)
+    pr = payer(radio, addr, [["send", 10]] * 5 + [["sleep", 500], ["send", 10]])
+    e, r = results(pe, pr)
+    clean(e)
+    clean(r)
+    assert e["ops"] == ["ok"] * 5 + ["frame: backlog"] * 2, e["ops"]
+    assert r["ops"][:6] == ["ok"] * 6 and r["ops"][6].startswith("closed"), r["ops"]
