@@ -644,3 +644,17 @@ def test_backlog_of_unread_messages_ends_session(radio):
     clean(r)
     assert e["ops"] == ["ok"] * 5 + ["frame: backlog"] * 2, e["ops"]
     assert r["ops"][:6] == ["ok"] * 6 and r["ops"][6].startswith("closed"), r["ops"]
+
+
+def test_link_drop_during_discovery(radio):
+    # Slow connection events (100 ms) so the drop lands in service discovery: CLOSED, not UNREACHABLE.
+    radio.config(interval_ms=100)
+    pe, addr = payee(radio, [], accept_ms=3000)
+    pr = payer(radio, addr, [], timeout_ms=8000)
+    link = radio.wait_for(lambda: radio.links(), timeout=10)[0]["link"]
+    radio.drop(link, after=2)
+    r, e = results(pr, pe)
+    clean(r)
+    clean(e)
+    assert r["connect"] == "closed: disconnected during discovery", r
+    assert e["accept"] == ["timeout: no payer"]

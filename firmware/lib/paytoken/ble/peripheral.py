@@ -5,7 +5,7 @@
 #   p.address()                             (addr_type, addr) for the QR
 #   p.start(qr_nonce)                       advertise (again, with a new nonce tag after each QR)
 #   link = await p.accept(timeout_ms)       the next payer that opened a session: a paytoken Link
-#   p.stop()                                advertising off, every central disconnected
+#   p.stop()                                advertising off, every central but the served one disconnected
 #
 # A central is served once it has subscribed and written OPEN (NimBLE reports no CCCD writes, so OPEN is the
 # only sign that a central is ready for notifications); accept() answers READY. One payer per start(): the
@@ -33,8 +33,8 @@ _IRQ_CONNECTION_UPDATE = const(27)
 
 # What a connected central is: [state, deadline (ticks_ms), ATT_MTU] in self._conns.
 _NEW = const(0)  # connected, has not written OPEN yet (disconnected at the deadline)
-_SERVED = const(1)  # wrote OPEN while the payee was free: accept() serves it
-_REFUSE = const(2)  # wrote OPEN while a payer is served: BUSY goes out next
+_SERVED = const(1)  # wrote OPEN first after start(): accept() serves it
+_REFUSE = const(2)  # wrote OPEN after another: BUSY goes out next
 _REFUSED = const(3)  # BUSY sent: disconnected at the deadline unless it leaves first
 _DROP = const(4)  # broke the opening rules: disconnected next
 _GONE = const(5)  # disconnect requested
