@@ -102,11 +102,16 @@ async def payee(p, res):
     per.start(bytes.fromhex(p["nonce"]))
     res["heap_ready"] = heap() - res["heap_base"]
     res["address"] = [per.address()[0], per.address()[1].hex()]
+    if p.get("delay_ms"):
+        await asyncio.sleep_ms(p["delay_ms"])
     if p.get("no_accept"):  # advertise and let centrals connect, but never serve one
         await asyncio.sleep_ms(p["no_accept"])
         per.stop()
         return
-    for _ in range(p.get("sessions", 1)):
+    for k in range(p.get("sessions", 1)):
+        if k:  # as the payee app does: one payer per start(), a fresh start for the next
+            per.stop()
+            per.start(bytes.fromhex(p["nonce"]))
         t = time.ticks_ms()
         try:
             link = await per.accept(p.get("accept_ms", 10000))
@@ -135,6 +140,8 @@ async def payer(p, res):
 
     res["heap_import"] = heap() - res["heap_base"]
     addr = bytes.fromhex(p["addr"])
+    if p.get("delay_ms"):
+        await asyncio.sleep_ms(p["delay_ms"])
     t = time.ticks_ms()
     try:
         link = await central.connect(ble, p.get("addr_type", 0), addr, bytes.fromhex(p["nonce"]),
@@ -142,6 +149,7 @@ async def payer(p, res):
     except LinkError as e:
         res["connect"] = why(e)
         res["connect_ms"] = time.ticks_diff(time.ticks_ms(), t)
+        await asyncio.sleep_ms(200)  # a device runs on: its disconnect reaches the air before the process ends
         return
     res["connect"] = "ok"
     res["connect_ms"] = time.ticks_diff(time.ticks_ms(), t)
@@ -182,7 +190,12 @@ async def main(p):
     res["heap_base"] = heap()
     res["heap_sim"] = res["heap_base"] - HEAP0
     try:
-        await (payee(p, res) if p["role"] == "payee" else payer(p, res))
+        if p["role"] == "both":  # payee and payer at once on one radio (one IRQ dispatcher for both)
+            res["payee"] = {"heap_base": res["heap_base"]}
+            res["payer"] = {"heap_base": res["heap_base"]}
+            await asyncio.gather(payee(p["payee"], res["payee"]), payer(p["payer"], res["payer"]))
+        else:
+            await (payee(p, res) if p["role"] == "payee" else payer(p, res))
     finally:
         print("RESULT " + json.dumps(res))
 

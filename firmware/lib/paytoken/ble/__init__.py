@@ -6,8 +6,9 @@
 #   central     the payer: await connect(ble, addr_type, addr, nonce, timeout_ms)
 #
 # The apps take a transport object: payee_transport() (address, start, accept, stop: a Peripheral) or
-# payer_transport() (connect). Both give None on a build without `bluetooth`. Only the role's own module is
-# imported, so a payer never loads the payee's code and the other way round.
+# payer_transport() (connect). Both give None on a build without `bluetooth` or when the radio does not come
+# up (the start-up then halts with why=transport). Only the role's own module is imported, so a payer never
+# loads the payee's code and the other way round.
 try:
     import bluetooth
 except ImportError:
@@ -15,20 +16,26 @@ except ImportError:
 
 
 def _radio():
+    if bluetooth is None:
+        return None
     ble = bluetooth.BLE()
-    if not ble.active():
-        ble.active(True)
+    try:
+        if not ble.active():
+            ble.active(True)
+    except OSError as e:
+        print("paytoken: the BLE radio does not start (%s)" % e)
+        return None
     return ble
 
 
 def payee_transport(name=None):
     """The payee's Peripheral on this device's radio, named `name` or "paytoken-" and its address's last
-    two bytes in hex; None without `bluetooth`."""
-    if bluetooth is None:
+    two bytes in hex; None without a radio."""
+    ble = _radio()
+    if ble is None:
         return None
     from paytoken.ble.peripheral import Peripheral
 
-    ble = _radio()
     if name is None:
         addr = ble.config("mac")[1]
         name = "paytoken-%02x%02x" % (addr[-2], addr[-1])
@@ -47,7 +54,6 @@ class Payer:
 
 
 def payer_transport():
-    """The payer's transport on this device's radio; None without `bluetooth`."""
-    if bluetooth is None:
-        return None
-    return Payer(_radio())
+    """The payer's transport on this device's radio; None without a radio."""
+    ble = _radio()
+    return None if ble is None else Payer(ble)

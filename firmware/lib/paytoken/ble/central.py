@@ -39,6 +39,8 @@ _IRQ_GATTC_NOTIFY = const(18)
 _IRQ_MTU_EXCHANGED = const(21)
 _IRQ_CONNECTION_UPDATE = const(27)
 
+_HS_ENOTCONN = const(7)  # NimBLE status of a procedure cut short by the link's end
+
 _IDLE = const(0)
 _CONNECTING = const(1)
 _SCANNING = const(2)
@@ -89,7 +91,7 @@ class Central:
         self._nu = bluetooth.UUID(gatt.NOTIFY_UUID)
         self._cccd_uuid = bluetooth.UUID(gatt.CCCD_UUID)
         self._addr = bytearray(6)
-        self._interval_ms = 30
+        self._interval_ms = 15  # connection interval (what we ask for) until an update tells
         self._link = None
         self.irq_error = None
         self._reset()
@@ -254,24 +256,32 @@ class Central:
 
     async def _discover(self, deadline):
         conn = self._conn
-        self._done = 0
-        self.ble.gattc_discover_services(conn, self._svc)
-        await self._until(lambda: self._done == _IRQ_GATTC_SERVICE_DONE, deadline, "service discovery")
+        await self._step(self.ble.gattc_discover_services, (conn, self._svc), _IRQ_GATTC_SERVICE_DONE, deadline)
         if not self._end:
             raise LinkError(UNREACHABLE, "no paytoken service")
-        self._done = 0
-        self.ble.gattc_discover_characteristics(conn, self._start, self._end)
-        await self._until(lambda: self._done == _IRQ_GATTC_CHARACTERISTIC_DONE, deadline, "characteristics")
+        args = (conn, self._start, self._end)
+        await self._step(self.ble.gattc_discover_characteristics, args, _IRQ_GATTC_CHARACTERISTIC_DONE, deadline)
         if not (self._wh and self._nh):
             raise LinkError(UNREACHABLE, "paytoken service without its characteristics")
         end = self._nend if self._nend > self._nh else self._end  # the notify characteristic's last handle
         if end > self._nh:
-            self._done = 0
             # NimBLE's ble_gattc_disc_all_dscs takes the value handle and searches from the handle after it.
-            self.ble.gattc_discover_descriptors(conn, self._nh, end)
-            await self._until(lambda: self._done == _IRQ_GATTC_DESCRIPTOR_DONE, deadline, "descriptors")
+            args = (conn, self._nh, end)
+            await self._step(self.ble.gattc_discover_descriptors, args, _IRQ_GATTC_DESCRIPTOR_DONE, deadline)
         if not self._cccd:
             raise LinkError(UNREACHABLE, "notify characteristic without CCCD")
+
+    async def _step(self, call, args, done, deadline):
+        # One discovery procedure, until its *_DONE event. A procedure cut by the link's end reports NimBLE's
+        # BLE_HS_ENOTCONN before the disconnect event: CLOSED. Any other failure: the device does not offer
+        # the service as it should, UNREACHABLE.
+        self._done = 0
+        call(*args)
+        await self._until(lambda: self._done == done, deadline, "discovery")
+        if self._status == _HS_ENOTCONN:
+            raise LinkError(CLOSED, "disconnected during discovery")
+        if self._status:
+            raise LinkError(UNREACHABLE, "discovery failed: status %d" % self._status)
 
     # --- role interface for BleLink --------------------------------------------------------------------------
 

@@ -5,12 +5,13 @@
 #   p.address()                             (addr_type, addr) for the QR
 #   p.start(qr_nonce)                       advertise (again, with a new nonce tag after each QR)
 #   link = await p.accept(timeout_ms)       the next payer that opened a session: a paytoken Link
-#   p.stop()                                advertising off, every central disconnected
+#   p.stop()                                advertising off, every central but the served one disconnected
 #
 # A central is served once it has subscribed and written OPEN (NimBLE reports no CCCD writes, so OPEN is the
-# only sign that a central is ready for notifications); accept() answers READY. While a payer is served, the
-# payee keeps advertising, and any other central that writes OPEN gets BUSY and is disconnected: its
-# connect() raises LinkError(BUSY). Centrals that do not open within ADMIT_MS are disconnected.
+# only sign that a central is ready for notifications); accept() answers READY. One payer per start(): the
+# payee keeps advertising, and any other central that writes OPEN before the next start() gets BUSY and is
+# disconnected: its connect() raises LinkError(BUSY). Centrals that do not open within ADMIT_MS are
+# disconnected.
 import asyncio
 from errno import ENOMEM
 from time import ticks_add, ticks_diff, ticks_ms
@@ -32,8 +33,8 @@ _IRQ_CONNECTION_UPDATE = const(27)
 
 # What a connected central is: [state, deadline (ticks_ms), ATT_MTU] in self._conns.
 _NEW = const(0)  # connected, has not written OPEN yet (disconnected at the deadline)
-_SERVED = const(1)  # wrote OPEN while the payee was free: accept() serves it
-_REFUSE = const(2)  # wrote OPEN while a payer is served: BUSY goes out next
+_SERVED = const(1)  # wrote OPEN first after start(): accept() serves it
+_REFUSE = const(2)  # wrote OPEN after another: BUSY goes out next
 _REFUSED = const(3)  # BUSY sent: disconnected at the deadline unless it leaves first
 _DROP = const(4)  # broke the opening rules: disconnected next
 _GONE = const(5)  # disconnect requested
@@ -76,11 +77,12 @@ class Peripheral:
         self._conns = {}
         self._serving = None  # handle of the central admitted (state _SERVED) until its session ends
         self._link = None  # its BleLink, once accept() made it
+        self._accepted = False  # a payer was accepted since start(): every other one is refused until the next
         self._adv = None
         self._resp = gatt.scan_response(name)
         self._advertising = False
         self._readvertise = False
-        self._interval_ms = 30  # connection interval, for pacing notifications
+        self._interval_ms = 15  # connection interval, for pacing: the payer asks for 15..30 ms; updates tell
         self._accept_flag = asyncio.ThreadSafeFlag()
         self._hk_flag = asyncio.ThreadSafeFlag()
         self._task = None
@@ -96,6 +98,7 @@ class Peripheral:
         """Advertise (connectable) for the QR with this nonce; call again with each new QR's nonce."""
         self._adv = gatt.adv_payload(qr_nonce)
         self._advertising = True
+        self._accepted = False
         self.ble.gap_advertise(gatt.ADV_INTERVAL_US, adv_data=self._adv, resp_data=self._resp, connectable=True)
         self._run()
 
@@ -123,13 +126,16 @@ class Peripheral:
         self._hk_flag.set()
 
     async def accept(self, timeout_ms):
-        """The Link of the next payer that opens a session; LinkError(TIMEOUT) if none does in time,
-        LinkError(BUSY) while the previous link is still open."""
+        """The Link of the first payer that opens a session after start(); LinkError(TIMEOUT) if none does in
+        time. One payer per start(): from then until the next start() every other central gets BUSY, and a
+        second accept() raises LinkError(BUSY)."""
         link = self._link
         if link is not None:
             if not link.closed:
                 raise LinkError(BUSY, "a session is open")
             link._shutdown()
+        if self._accepted:
+            raise LinkError(BUSY, "one payer per start()")
         deadline = ticks_add(ticks_ms(), timeout_ms)
         while True:
             conn = self._serving
@@ -139,6 +145,7 @@ class Peripheral:
                 self._link = link
                 try:
                     await self._write(link, gatt.READY_FRAME)
+                    self._accepted = True
                     return link
                 except LinkError:
                     link._shutdown()
@@ -296,7 +303,7 @@ class Peripheral:
         if st is None:
             return
         if st[0] == _NEW and data == gatt.OPEN_FRAME:
-            if self._serving is None:
+            if self._serving is None and not self._accepted:
                 st[0] = _SERVED
                 self._serving = conn
                 self._accept_flag.set()
