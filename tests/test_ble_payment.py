@@ -59,6 +59,8 @@ def test_payment_between_two_devices_over_ble(images: Images, radio: BrokerThrea
     try:
         qr = payee.event("qr", timeout=30)
         assert qr is not None, payee.lines
+        # the card drops scans from before its ready screen (stale): show it the QR once it is ready
+        assert payer.event("ready", timeout=30) is not None, payer.lines
         with open(tmp_path / "scanner", "a") as f:
             f.write(base45.encode(bytes.fromhex(qr["qr"])) + "\n")
         ask = payer.event("ask", timeout=30)

@@ -49,17 +49,27 @@ def files_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
         os.environ, MICROPYPATH=".frozen:lib")
 
 
+class Timeline(queue.Queue):
+    """Items of every device in the order they happened, and the events already shown, by device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, list[tuple[str, dict]]] = {}
+
+
 class Device:
     """One simulated device: main.py in its own process; its event lines and screen frames, in order."""
 
-    def __init__(self, name: str, firmware: Path, heap: str, env: dict[str, str], launch: Launcher = files_launcher):
+    def __init__(self, name: str, firmware: Path, heap: str, env: dict[str, str], launch: Launcher = files_launcher,
+                 timeline: Timeline | None = None):
         self.name = name
+        # every device's items go to one timeline, so they are shown in the order they happened
+        self.items = timeline if timeline is not None else Timeline()
         argv, base = launch(heap)
         base = {k: v for k, v in base.items() if not k.startswith("PAYTOKEN_SIM_")}
         self.proc = subprocess.Popen(argv, cwd=firmware, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=dict(base, PAYTOKEN_SIM_TERM="1", **env))
-        self.cpu_start = 0.0
-        self.items: queue.Queue[tuple[str, object] | None] = queue.Queue()
+
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -74,7 +84,7 @@ class Device:
             if frame is not None:
                 frame.append(line)
                 if len(frame) == rows:
-                    self.items.put(("frame", frame))
+                    self.items.put((self.name, ("frame", frame)))
                     frame = None
                 continue
             if line.startswith("FRAME "):
@@ -83,26 +93,36 @@ class Device:
             elif line.startswith("EVENT "):
                 parts = line.split()
                 fields = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
-                self.items.put(("event", (parts[2], fields)))
+                self.items.put((self.name, ("event", (parts[2], fields))))
             elif line.strip():
-                self.items.put(("text", line))
-        self.items.put(None)
+                self.items.put((self.name, ("text", line)))
+        self.items.put((self.name, None))
 
     def until(self, event: str, show, timeout: float = 30) -> dict:
-        """Hands every frame and event to show() until `event` arrives; returns its fields."""
+        """Hands every frame and event on the timeline to show() until this device's `event`; returns its
+        fields. DemoError when any device fails, halts, stops or stalls first."""
+        seen = self.items.seen.setdefault(self.name, [])
+        for i, (name, fields) in enumerate(seen):
+            if name == event:  # it came while the demo waited for another device
+                del seen[: i + 1]
+                return fields
         deadline = time.monotonic() + timeout
         while True:
             try:
-                item = self.items.get(timeout=max(0.0, deadline - time.monotonic()))
+                name, item = self.items.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise DemoError(f"{self.name}: no '{event}' within {timeout:.0f} s") from None
             if item is None:
-                raise DemoError(f"{self.name} stopped before '{event}':\n" + "\n".join(self.lines[-15:]))
-            show(self.name, item)
+                raise DemoError(f"{name} stopped before {self.name}'s '{event}'")
+            show(name, item)
             if item[0] == "event" and item[1][0] in ("failed", "halted", "error"):
-                raise DemoError(f"{self.name}: {item[1][0]} {item[1][1]}")
-            if item[0] == "event" and item[1][0] == event:
+                raise DemoError(f"{name}: {item[1][0]} {item[1][1]}")
+            if item[0] != "event":
+                continue
+            if name == self.name and item[1][0] == event:
+                seen.clear()
                 return item[1][1]
+            self.items.seen.setdefault(name, []).append(item[1])
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the device's process so far (Linux /proc)."""
@@ -218,17 +238,18 @@ def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_
     (out_dir / "scanner").write_text("")
     (out_dir / "buttons").write_text("")
     devices: list[Device] = []
+    timeline = Timeline()
     with BrokerThread(config=RadioConfig(interval_ms=interval_ms)) as radio:
         try:
             env = {"PAYTOKEN_RADIO": radio.address}
             payee = Device("payee", firmware, heaps["payee"], dict(
                 env, PAYTOKEN_SIM_FLASH=str(out_dir / "payee.img"),
-                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payee_screen.png")), launch)
+                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payee_screen.png")), launch, timeline)
             devices.append(payee)
             payer = Device("payer", firmware, heaps["payer"], dict(
                 env, PAYTOKEN_SIM_FLASH=str(out_dir / "payer.img"), PAYTOKEN_SIM_SCANNER=str(out_dir / "scanner"),
                 PAYTOKEN_SIM_BUTTONS=str(out_dir / "buttons"),
-                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payer_screen.png")), launch)
+                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payer_screen.png")), launch, timeline)
             devices.append(payer)
             qr = payee.until("qr", show)
             payer.until("ready", show)
@@ -254,11 +275,10 @@ def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_
                           "to_payer": sum(k["stats"]["p2c"]["bytes"] for k in links),
                           "pdus": sum(k["stats"]["c2p"]["pdus"] + k["stats"]["p2c"]["pdus"] for k in links)}
             time.sleep(0.3)  # the last screens
-            for d in devices:
-                while not d.items.empty():
-                    item = d.items.get()
-                    if item is not None:
-                        show(d.name, item)
+            while not timeline.empty():
+                name, item = timeline.get()
+                if item is not None:
+                    show(name, item)
         finally:
             for d in devices:
                 d.stop()

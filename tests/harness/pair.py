@@ -131,7 +131,9 @@ def run_pair(images: Images, work: Path, payer_heap: str = "2M", payee_heap: str
     events: dict[str, dict | None] = {}
     try:
         events["qr"] = qr = payee.event("qr")
-        if qr is not None:
+        # the card drops scans from before its ready screen (stale): show it the QR once it is ready
+        events["ready"] = payer.event("ready")
+        if qr is not None and events["ready"] is not None:
             if display_png:
                 import zxingcpp
                 from PIL import Image
