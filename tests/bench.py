@@ -387,7 +387,8 @@ def run_ble(rows: list[dict]) -> None:
 
     def once(work: Path, heaps: dict[str, str] | None = None, romfs: bool = False):
         try:
-            return pay(work, firmware, heaps=heaps, launch=romfs_launcher if romfs else files_launcher)
+            return pay(work, firmware, heaps=heaps, launch=romfs_launcher if romfs else files_launcher,
+                       screens=heaps is None)
         except DemoError:
             return None
 

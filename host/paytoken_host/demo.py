@@ -61,14 +61,16 @@ class Device:
     """One simulated device: main.py in its own process; its event lines and screen frames, in order."""
 
     def __init__(self, name: str, firmware: Path, heap: str, env: dict[str, str], launch: Launcher = files_launcher,
-                 timeline: Timeline | None = None):
+                 timeline: Timeline | None = None, screens: bool = True):
         self.name = name
         # every device's items go to one timeline, so they are shown in the order they happened
         self.items = timeline if timeline is not None else Timeline()
         argv, base = launch(heap)
         base = {k: v for k, v in base.items() if not k.startswith("PAYTOKEN_SIM_")}
+        if screens:  # every frame on stdout too (the simulator's cost, not the device's: off for heap figures)
+            base["PAYTOKEN_SIM_TERM"] = "1"
         self.proc = subprocess.Popen(argv, cwd=firmware, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(base, PAYTOKEN_SIM_TERM="1", **env))
+                                     env=dict(base, **env))
 
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -213,9 +215,12 @@ class Payment:
 
 
 def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_000, interval_ms: float = 30,
-        heaps: dict[str, str] | None = None, launch: Launcher = files_launcher, show=None, out=None) -> Payment:
+        heaps: dict[str, str] | None = None, launch: Launcher = files_launcher, show=None, out=None,
+        screens: bool = True) -> Payment:
     """Provision a payee terminal and a payer card in out_dir, run one payment between them, return what it did.
-    DemoError when a device fails, halts or stalls (the devices' last lines in the message)."""
+    DemoError when a device fails, halts or stalls (the devices' last lines in the message). screens=False
+    leaves the simulated displays without their PNG files and terminal pictures (simulator work that a device
+    does not do) and takes the QR from the terminal's event instead of its screen: for heap figures."""
     from paytoken_host.simradio.broker import RadioConfig
 
     heaps = heaps or {"payer": "512K", "payee": "512K"}
@@ -242,19 +247,22 @@ def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_
     with BrokerThread(config=RadioConfig(interval_ms=interval_ms)) as radio:
         try:
             env = {"PAYTOKEN_RADIO": radio.address}
+            shots = {name: {"PAYTOKEN_SIM_DISPLAY": str(out_dir / f"{name}_screen.png")} if screens else {}
+                     for name in ("payer", "payee")}
             payee = Device("payee", firmware, heaps["payee"], dict(
-                env, PAYTOKEN_SIM_FLASH=str(out_dir / "payee.img"),
-                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payee_screen.png")), launch, timeline)
+                env, PAYTOKEN_SIM_FLASH=str(out_dir / "payee.img"), **shots["payee"]), launch, timeline, screens)
             devices.append(payee)
             payer = Device("payer", firmware, heaps["payer"], dict(
                 env, PAYTOKEN_SIM_FLASH=str(out_dir / "payer.img"), PAYTOKEN_SIM_SCANNER=str(out_dir / "scanner"),
-                PAYTOKEN_SIM_BUTTONS=str(out_dir / "buttons"),
-                PAYTOKEN_SIM_DISPLAY=str(out_dir / "payer_screen.png")), launch, timeline)
+                PAYTOKEN_SIM_BUTTONS=str(out_dir / "buttons"), **shots["payer"]), launch, timeline, screens)
             devices.append(payer)
             qr = payee.until("qr", show)
             payer.until("ready", show)
-            shutil.copy(out_dir / "payee_screen.png", out_dir / "payee_qr.png")
-            text = read_qr(out_dir / "payee_qr.png")
+            if screens:
+                shutil.copy(out_dir / "payee_screen.png", out_dir / "payee_qr.png")
+                text = read_qr(out_dir / "payee_qr.png")
+            else:
+                text = base45.encode(bytes.fromhex(qr["qr"]))
             if wire.decode_qr(base45.decode(text)).nonce.hex() != qr["nonce"]:
                 raise DemoError("the QR on the screen is not the one the terminal announced")
             say(f"\nzxing-cpp read the terminal's QR: {text}\nthe card's scanner sees it")
