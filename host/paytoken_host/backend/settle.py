@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import struct
 import time
 from collections import defaultdict
@@ -82,6 +83,9 @@ def rows_where_any(conn: Connection, table, col: str, values: list, extra: str =
 
 def prev_hash_of(payment_raw: bytes) -> bytes:
     return payment_raw[48:80]
+
+
+RETRIES = 16  # a deadlocked or serialization-failed upload runs again, this many times at most
 
 
 def is_retryable(e: Exception) -> bool:
@@ -170,7 +174,7 @@ class Settlement:
     # ---- uploads ----
     def apply(self, v: Verified) -> tuple[int, dict]:
         """Applies a verified batch; (HTTP status, result). Raises Reject (nothing stored) for a batch refused."""
-        for attempt in range(8):
+        for attempt in range(RETRIES):
             now = int(self.clock())
             try:
                 with db.write_tx(self.engine) as conn:
@@ -183,12 +187,14 @@ class Settlement:
                     self.record_alert("inconsistent", r.reason, v.batch.device_id)
                 raise
             except IntegrityError:
-                if attempt == 7:
+                if attempt == RETRIES - 1:
                     raise
             except Exception as e:
-                if not (isinstance(e, DBAPIError) or hasattr(e, "sqlstate")) or not is_retryable(e) or attempt == 7:
+                if not (isinstance(e, DBAPIError) or hasattr(e, "sqlstate")) or not is_retryable(e) \
+                        or attempt == RETRIES - 1:
                     raise
-            time.sleep(0.005 * (attempt + 1))
+            # jittered exponential backoff: uploads that deadlocked together do not collide again in step
+            time.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 7)))
         raise RuntimeError("unreachable")
 
     def record_alert(self, kind: str, detail: str, device_id: bytes | None = None) -> None:
