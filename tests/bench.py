@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paytoken_host import fwbuild
-from tests.harness.mp import FIRMWARE_BUILD, command, romfs_with, run_script
+from tests.harness.mp import FIRMWARE_BUILD, command, romfs_with, run_script, smallest_kb
 
 RUNS = 41
 TIMING = """
@@ -64,15 +64,7 @@ def median_us(setup: str, expr: str, heapsize: str) -> float | None:
 
 def min_heap_kb(setup: str, expr: str, lo: int = 8, hi: int = 256) -> int | None:
     source = f"{setup}\n{expr}\n"
-    if run_script(source, heapsize=f"{hi}K").returncode != 0:
-        return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if run_script(source, heapsize=f"{mid}K").returncode == 0:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return smallest_kb(lambda kb: run_script(source, heapsize=f"{kb}K").returncode == 0, lo, hi)
 
 
 def host_median_us(factory: Callable[[], Callable[[], object]]) -> float:
@@ -281,12 +273,7 @@ def min_side_heap(role: str, imports_only: bool = False, romfs: bool = False, lo
         # several payments all fit in it.
         return all(run_payment(heaps["payer"], heaps["payee"], (role,) if romfs else ()) for _ in range(HEAP_RUNS))
 
-    if not fits(hi):
-        return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
+    return smallest_kb(fits, lo, hi)
 
 
 def run_protocol(rows: list[dict]) -> None:
@@ -342,13 +329,7 @@ def run_ledger(rows: list[dict]) -> None:
         opened = json.loads(ledger_script(role, "open", "2M").stdout)
 
         def min_heap(mode: str, romfs: bool, role: str = role) -> int | None:
-            lo, hi = 4, 160
-            if ledger_script(role, mode, f"{hi}K", romfs).returncode != 0:
-                return None
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if ledger_script(role, mode, f"{mid}K", romfs).returncode == 0 else (mid, hi)
-            return hi
+            return smallest_kb(lambda kb: ledger_script(role, mode, f"{kb}K", romfs).returncode == 0, 4, 160)
 
         res[role] = {**full, "open_ms": opened["open_ms"], "code_kb": min_heap("imports", False),
                      "heap_kb": min_heap("heap", False), "rom_code_kb": min_heap("imports", True),
@@ -396,12 +377,7 @@ def run_ble(rows: list[dict]) -> None:
         def fits(kb: int) -> bool:
             return once(work, {"payer": "1M", "payee": "1M", role: f"{kb}K"}, romfs) is not None
 
-        if not fits(hi):
-            return None
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-        return hi
+        return smallest_kb(fits, lo, hi)
 
     from paytoken_host.demo import files_launcher
 

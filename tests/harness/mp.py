@@ -103,6 +103,17 @@ def command(
     return [micropython_command(), "-X", f"heapsize={heapsize}", *run, *args], env
 
 
+def smallest_kb(fits, lo: int, hi: int) -> int | None:
+    """The smallest heap size in KB (lo < size <= hi) for which fits(kb) is true, by bisection (fits must be
+    monotonic, or made so: the bench repeats runs); None if even hi does not fit."""
+    if not fits(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
 class MicroPythonError(Exception):
     """An exception raised by firmware code, with the MicroPython exception's type name."""
 

@@ -1,7 +1,7 @@
 """A payer and a payee, each in its own MicroPython process as on two devices (tests/harness/app_side.py): flash
 images provisioned by paytoken_host.simdevice, the radio through files (file_air.py), the QR carried from the
 payee's display to the payer's scanner file, the person's press written to the payer's buttons file. Used by
-tests/test_app_heap.py and `make bench` to find the heap each role needs."""
+tests/test_app_heap.py (each role within its heap budget) and, for its Side, by the BLE payment tests."""
 
 from __future__ import annotations
 
@@ -158,33 +158,3 @@ def run_pair(images: Images, work: Path, payer_heap: str = "2M", payee_heap: str
     ok = all(events.get(k) for k in ("payer_paid", "payee_paid")) and None not in peaks.values()
     return {"ok": ok, **peaks, "events": events, "log": {"payer": payer.lines, "payee": payee.lines},
             "modules": {"payer": payer.modules, "payee": payee.modules}}
-
-
-def imports_fit(modules: list[str], heap: str, work: Path, micropython: str | None = None) -> bool:
-    """The self-test and these imports alone (a role's code) run in this heap."""
-    work.mkdir(parents=True, exist_ok=True)
-    names = work / "modules.txt"
-    names.write_text("\n".join(m for m in modules if m != "file_air") + "\n")
-    proc = subprocess.run([micropython or micropython_command(), "-X", f"heapsize={heap}",
-                           str(HARNESS / "app_side.py"), "--imports", str(names)], capture_output=True, text=True,
-                          timeout=60, cwd=FIRMWARE_BUILD, env=dict(os.environ, MICROPYPATH=micropython_path([HARNESS])))
-    return proc.returncode == 0 and "HEAP " in proc.stdout
-
-
-def min_heap_kb(images: Images, work: Path, role: str, lo: int = 16, hi: int = 512,
-                modules: list[str] | None = None, micropython: str | None = None) -> int | None:
-    """The smallest -X heapsize (1 KB steps) in which `role` completes a payment (the other side roomy); with
-    modules, in which the self-test and those imports alone succeed (the role's code)."""
-
-    def fits(kb: int) -> bool:
-        if modules is not None:
-            return imports_fit(modules, f"{kb}K", work, micropython)
-        heaps = {"payer_heap": "2M", "payee_heap": "2M", f"{role}_heap": f"{kb}K"}
-        return run_pair(images, work, **heaps, micropython=micropython)["ok"]
-
-    if not fits(hi):
-        return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
