@@ -13,7 +13,7 @@ from paytoken import base45, wire
 from tests.harness.pair import Images, run_pair
 
 # Code loaded from .mpy files lives in the heap on the unix port (64-bit): the role's code is most of this.
-HEAP_MPY = "192K"
+HEAP_MPY = "224K"  # measured 180-195K: the payee's peak varies with timing (the radio through files)
 # With the firmware frozen into the interpreter, as a production ESP32 image has it: the device budget.
 HEAP_FROZEN = "96K"
 FROZEN = os.environ.get("PAYTOKEN_FROZEN_MICROPYTHON")  # a unix port with paytoken (and board) frozen in
@@ -26,7 +26,7 @@ def images(tmp_path_factory) -> Images:
 
 def test_two_devices_pay_across_processes(images, tmp_path):
     r = run_pair(images, tmp_path / "run", display_png=True)
-    assert r["ok"], r["log"]
+    assert r["ok"], r["story"]
     ev = r["events"]
     qr = wire.decode_qr(base45.decode(ev["qr_text"]["text"]))  # what zxing read off the payee's screen
     assert qr.nonce.hex() == ev["qr"]["nonce"] and qr.wallet_short == images.payee.device_id[:4]
@@ -41,10 +41,10 @@ def test_two_devices_pay_across_processes(images, tmp_path):
 
 def test_each_role_pays_within_its_heap_budget(images, tmp_path):
     r = run_pair(images, tmp_path / "run", payer_heap=HEAP_MPY, payee_heap=HEAP_MPY)
-    assert r["ok"], r["log"]
+    assert r["ok"], r["story"]
 
 
 @pytest.mark.skipif(not FROZEN, reason="set PAYTOKEN_FROZEN_MICROPYTHON to a unix port with the firmware frozen in")
 def test_each_role_pays_in_96k_when_frozen(images, tmp_path):
     r = run_pair(images, tmp_path / "run", payer_heap=HEAP_FROZEN, payee_heap=HEAP_FROZEN, micropython=FROZEN)
-    assert r["ok"], r["log"]
+    assert r["ok"], r["story"]

@@ -67,7 +67,7 @@ class Side:
             self._q.put(line.rstrip("\n"))
         self._q.put(None)
 
-    def event(self, name: str, timeout: float = 10) -> dict | None:
+    def event(self, name: str, timeout: float = 30) -> dict | None:
         """The next EVENT line of that name (fields as a dict); None if the process ended or time ran out."""
         deadline = time.monotonic() + timeout
         while True:
@@ -83,7 +83,7 @@ class Side:
             if len(parts) >= 3 and parts[0] == "EVENT" and parts[2] == name:
                 return dict(p.split("=", 1) for p in parts[3:])
 
-    def finish(self, timeout: float = 10) -> int | None:
+    def finish(self, timeout: float = 30) -> int | None:
         """The heap still allocated at the process's end (after a collection); None if it failed."""
         try:
             rc = self.proc.wait(timeout=timeout)
@@ -156,5 +156,6 @@ def run_pair(images: Images, work: Path, payer_heap: str = "2M", payee_heap: str
         payer.kill()
         payee.kill()
     ok = all(events.get(k) for k in ("payer_paid", "payee_paid")) and None not in peaks.values()
-    return {"ok": ok, **peaks, "events": events, "log": {"payer": payer.lines, "payee": payee.lines},
+    story = "\n".join(f"{d.role}: {ln}" for d in (payee, payer) for ln in d.lines[-12:])
+    return {"ok": ok, **peaks, "events": events, "log": {"payer": payer.lines, "payee": payee.lines}, "story": story,
             "modules": {"payer": payer.modules, "payee": payee.modules}}
