@@ -162,30 +162,22 @@ def run_crypto(rows: list[dict]) -> None:
     run_ops("\n== Firmware crypto core (MicroPython unix port; host = cryptography on CPython)", crypto_ops(), rows)
 
 
-BENCH_BUILD = fwbuild.ROOT / "build" / "bench"
-
-
-BENCH_IMAGE = BENCH_BUILD / "romfs.img"  # set by build_side_script()
-
-
 BENCH_SCRIPTS = ("payment_side", "ledger_bench")
 HEAP_RUNS = 4  # payments that must all succeed at a heap size for it to count
 
 
-def build_side_script() -> None:
-    """The bench's scripts as .mpy, and a ROMFS image of the firmware with them: on a device the
-    application's code sits in the image beside the firmware's, so the scripts standing in for it do too."""
-    global BENCH_IMAGE
-    BENCH_BUILD.mkdir(parents=True, exist_ok=True)
-    for name in BENCH_SCRIPTS:
-        src = fwbuild.ROOT / "tests" / "harness" / f"{name}.py"
-        fwbuild.compile_module(fwbuild.default_mpy_cross(), src, BENCH_BUILD / f"{name}.mpy", f"{name}.py")
-    BENCH_IMAGE = romfs_with(BENCH_SCRIPTS)
+def bench_image() -> Path:
+    """A ROMFS image of the firmware with the bench's scripts compiled beside it (on a device the application's
+    code sits in the image too); its lib/ also serves the runs with code loaded from .mpy files."""
+    return romfs_with(BENCH_SCRIPTS)
+
+
+def script_args(romfs: bool) -> dict:
+    return {"romfs": romfs, "extra_path": [] if romfs else [bench_image().parent / "lib"], "image": bench_image()}
 
 
 def side_process(role: str, heapsize: str, *extra: str, romfs: bool = False) -> subprocess.Popen:
-    argv, env = command(heapsize, module="payment_side", args=(role, *extra), romfs=romfs,
-                        extra_path=[] if romfs else [BENCH_BUILD], image=BENCH_IMAGE)
+    argv, env = command(heapsize, module="payment_side", args=(role, *extra), **script_args(romfs))
     return subprocess.Popen(
         argv,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -277,7 +269,6 @@ def min_side_heap(role: str, imports_only: bool = False, romfs: bool = False, lo
 
 
 def run_protocol(rows: list[dict]) -> None:
-    build_side_script()
     print("\n== Offline payment protocol (payer and payee each in its own MicroPython process)")
     runs = [run_payment("2M", "2M") for _ in range(9)]
     ok = [r for r in runs if r]
@@ -310,8 +301,8 @@ def run_protocol(rows: list[dict]) -> None:
 
 def ledger_script(role: str, mode: str, heapsize: str, romfs: bool = False) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as tmp:
-        argv, env = command(heapsize, module="ledger_bench", args=(role, mode, f"{tmp}/ledger"), romfs=romfs,
-                            extra_path=[] if romfs else [BENCH_BUILD], image=BENCH_IMAGE)
+        argv, env = command(heapsize, module="ledger_bench", args=(role, mode, f"{tmp}/ledger"),
+                            **script_args(romfs))
         return subprocess.run(
             argv,
             capture_output=True, text=True, env=env, timeout=600,
@@ -319,7 +310,6 @@ def ledger_script(role: str, mode: str, heapsize: str, romfs: bool = False) -> s
 
 
 def run_ledger(rows: list[dict]) -> None:
-    build_side_script()
     print("\n== Flash ledger and wallet (1 MB emulated NOR flash with LittleFS v2, MicroPython)")
     print(f"{'measure':52} {'payer':>9} {'payee':>9} {'target':>9}")
     print("-" * 82)

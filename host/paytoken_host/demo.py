@@ -30,6 +30,7 @@ from pathlib import Path
 
 from paytoken import base45, wire
 from paytoken_host import protocol, simdevice
+from paytoken_host.fwbuild import micropython_command
 from paytoken_host.simradio.broker import BrokerThread
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,7 @@ Launcher = Callable[[str], tuple[list[str], dict[str, str]]]  # heapsize -> (arg
 
 def files_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
     """main.py with the firmware's .mpy files on the path (cwd: the built firmware), as `make deploy-files`."""
-    return [simdevice.micropython_command(), "-X", f"heapsize={heap}", "main.py"], dict(
+    return [micropython_command(), "-X", f"heapsize={heap}", "main.py"], dict(
         os.environ, MICROPYPATH=".frozen:lib")
 
 
@@ -183,10 +184,7 @@ board.unmount("/flash")
 
 def export(image: Path, firmware: Path) -> tuple[int, list[tuple[int, bytes, bytes | None]]]:
     """A device's balance and its signed payments, read from its flash image by the firmware itself."""
-    env = dict(os.environ, MICROPYPATH=f".frozen:{firmware / 'lib'}:{firmware}")
-    proc = subprocess.run([simdevice.micropython_command(), "-X", "heapsize=1M", "-c",
-                           EXPORT.format(image=str(image.resolve()))],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = simdevice.run_firmware(EXPORT.format(image=str(image.resolve())), firmware)
     if proc.returncode != 0:
         raise DemoError(f"reading {image} failed: {proc.stdout}{proc.stderr}")
     balance, payments = None, []

