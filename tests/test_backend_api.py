@@ -151,3 +151,19 @@ def test_openapi_and_health(api):
     doc = client.get("/openapi.json").json()
     assert {"/v1/uploads", "/v1/devices", "/v1/devices/{device_id}/updates", "/health"} <= set(doc["paths"])
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_public_keys_for_provisioning(api):
+    # what a provisioning station installs on a device: no credential needed, nothing secret in it
+    world, backend, client, _ = api
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from paytoken_host.backend.keys import noise_static
+
+    got = client.get("/v1/keys").json()
+    assert got == {"issuer": backend.issuer_pub.hex(), "backend": backend.backend_pub.hex(),
+                   "backend_kx": backend.noise_pub.hex()}
+    priv, pub = noise_static(backend.key)
+    assert x25519.X25519PrivateKey.from_private_bytes(priv).public_key().public_bytes_raw() == pub == backend.noise_pub
+    assert noise_static(backend.key) == (priv, pub)  # derived the same every time: the devices keep it for years
+    assert pub not in (backend.backend_pub[1:33], backend.backend_pub[33:])

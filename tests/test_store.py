@@ -82,6 +82,16 @@ def test_provision_then_load(mp, auth, tmp_path):
     assert "static.key" not in files(payer_root) and "config.json" not in files(payer_root)
 
 
+def test_the_backend_sync_key_is_kept(mp, auth, tmp_path):
+    payer = auth.device(PAYER)
+    mp.eval(f"store.provision({str(tmp_path)!r}, {payer.priv!r}, {payer.cert!r}, {auth.issuer.public!r},"
+            f" {auth.backend_pub!r}, None, None, {auth.backend_kx!r}) and None")
+    assert files(tmp_path)["backend.kx"] == auth.backend_kx
+    assert mp.eval(f"store.load({str(tmp_path)!r}).backend_kx") == auth.backend_kx
+    provision(mp, tmp_path, auth, payer)  # provisioned again without it: none left behind
+    assert "backend.kx" not in files(tmp_path) and mp.eval(f"store.load({str(tmp_path)!r}).backend_kx") is None
+
+
 def test_dual_role_device_follows_its_config(mp, auth, tmp_path):
     both = auth.device(PAYER | PAYEE)
     provision(mp, tmp_path, auth, both)
@@ -101,6 +111,7 @@ def test_a_damaged_file_is_named(mp, auth, tmp_path):
     payee = auth.device(PAYEE)
     other = auth.device(PAYEE)
     cases = {
+        "backend.kx": (bytes(31), "store: backend.kx corrupt: not 32 bytes"),
         "identity.key": (payee.priv[:31], "store: identity.key corrupt: not 32 bytes"),
         "cert.bin": (payee.cert[:-1], "store: cert.bin corrupt: certificate: wrong length"),
         "issuer.pub": (b"\x04" + bytes(64), "store: issuer.pub corrupt: not a point on P-256"),

@@ -69,6 +69,12 @@ class Authority:
     def backend_pub(self) -> bytes:
         return protocol.sec1(self.backend.public_key())
 
+    @property
+    def backend_kx(self) -> bytes:
+        from paytoken_host.backend.keys import noise_static
+
+        return noise_static(self.backend)[1]
+
     def device(
         self,
         role: int,
@@ -121,7 +127,7 @@ def provision_source(image: str, mount: str, auth: Authority, keys: DeviceKeys, 
         "from paytoken.app import start\n"
         f"_root = board.storage({image!r}, {mount!r})\n"
         f"store.provision(_root, {keys.priv!r}, {keys.cert!r}, {auth.issuer.public!r}, {auth.backend_pub!r},"
-        f" {static!r}, json.loads({json.dumps(config)!r}))\n"
+        f" {static!r}, json.loads({json.dumps(config)!r}), {auth.backend_kx!r})\n"
         "_dev, _trust, _wallet = start.open_device(_root)\n"
         f"for _v in {list(vouchers)!r}:\n"
         "    _wallet.apply_update(_v)\n"

@@ -6,6 +6,8 @@
 #   cert.bin      138/170    the device certificate (wire format); the role comes from it
 #   issuer.pub    65 bytes   the issuer's P-256 public key, uncompressed SEC1: checks every certificate
 #   backend.pub   65 bytes   the backend's P-256 public key: checks vouchers, acknowledgements, statuses
+#   backend.kx    32 bytes   optional: the backend's X25519 static key, the responder key of the sync session
+#                            (docs/protocol.md §10); a device without it cannot sync end to end encrypted
 #   config.json   optional   {"name": "till-1", "app": "card" | "terminal", "amount": 10000, "qr_amount": false}
 #
 #   load(root) -> Device      every file read and cross-checked; StoreError if anything is missing or wrong
@@ -50,7 +52,7 @@ def ledger_path(root):
 class Device:
     # What load() returns: the checked store contents.
     def __init__(self, root, identity_priv, cert_raw, cert, issuer_pub, backend_pub, static_priv, static_pub,
-                 config):
+                 config, backend_kx=None):
         self.root = root
         self.identity_priv = identity_priv
         self.cert_raw = cert_raw
@@ -60,6 +62,7 @@ class Device:
         self.static_priv = static_priv
         self.static_pub = static_pub
         self.config = config
+        self.backend_kx = backend_kx
         self.ledger_path = root and ledger_path(root)
 
     @property
@@ -118,7 +121,8 @@ def _config(raw):
     return cfg
 
 
-def check(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_priv=None, config_raw=None):
+def check(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_priv=None, config_raw=None,
+          backend_kx=None):
     # Every file's format and how they fit together; the Device, or StoreError naming the first problem.
     # The issuer's signature on the certificate is Trust's to check (paytoken.app.start does it on boot).
     if len(identity_priv) != 32:
@@ -146,13 +150,17 @@ def check(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_priv=No
         static_pub = x25519.public_key(static_priv)
         if static_pub != cert.x25519_pub:
             raise StoreError(MISMATCH, "static.key", "not the key the certificate names")
+    if backend_kx is not None and len(backend_kx) != 32:
+        raise StoreError(CORRUPT, "backend.kx", "not 32 bytes")
     return Device(None, bytes(identity_priv), bytes(cert_raw), cert, bytes(issuer_pub), bytes(backend_pub),
-                  static_priv and bytes(static_priv), static_pub, _config(config_raw))
+                  static_priv and bytes(static_priv), static_pub, _config(config_raw),
+                  backend_kx and bytes(backend_kx))
 
 
 def load(root):
     dev = check(root, _read(root, "identity.key"), _read(root, "cert.bin"), _read(root, "issuer.pub"),
-                _read(root, "backend.pub"), _read(root, "static.key", True), _read(root, "config.json", True))
+                _read(root, "backend.pub"), _read(root, "static.key", True), _read(root, "config.json", True),
+                _read(root, "backend.kx", True))
     dev.root = root
     dev.ledger_path = ledger_path(root)
     return dev
@@ -180,11 +188,12 @@ def _remove(root, name):
         pass
 
 
-def provision(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_priv=None, config=None):
+def provision(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_priv=None, config=None,
+              backend_kx=None):
     # Checks the new store as load() would, then writes it. A device already holding a ledger of another
     # device id is refused: its records (money) belong to that identity and would be orphaned.
     config_raw = None if config is None else json.dumps(config).encode()
-    dev = check(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_priv, config_raw)
+    dev = check(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_priv, config_raw, backend_kx)
     old = _read(root, "cert.bin", True)
     if old is not None:
         try:
@@ -205,6 +214,10 @@ def provision(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_pri
         _remove(root, "static.key")
     _write(root, "issuer.pub", dev.issuer_pub)
     _write(root, "backend.pub", dev.backend_pub)
+    if backend_kx is not None:
+        _write(root, "backend.kx", dev.backend_kx)
+    else:
+        _remove(root, "backend.kx")
     if config_raw is not None:
         _write(root, "config.json", config_raw)
     else:

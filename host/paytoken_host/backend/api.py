@@ -97,6 +97,10 @@ def create_app(backend: Backend | None = None, config: Config | None = None) -> 
     def get_metrics() -> str:
         return be.metrics()
 
+    @health.get("/v1/keys")
+    def get_keys() -> dict:
+        return be.keys()
+
     devices = APIRouter(prefix="/v1/devices", tags=["devices"])
 
     @devices.post("", dependencies=[operator("provisioning")])

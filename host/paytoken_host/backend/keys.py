@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from paytoken_host import protocol
 
@@ -49,3 +50,18 @@ def read_public(path: str | Path) -> bytes:
     pub = bytes.fromhex(text)
     ec.EllipticCurvePublicKey.from_encoded_point(protocol.CURVE, pub)  # validates the point
     return protocol.sec1(ec.EllipticCurvePublicKey.from_encoded_point(protocol.CURVE, pub))
+
+
+NOISE_INFO = b"paytoken backend noise static v1"
+
+
+def noise_static(key: ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
+    """The backend's X25519 static key for devices' sync sessions (docs/protocol.md §10), derived from its P-256
+    key with HKDF-SHA256 and a label of its own: one secret to keep, back up and rotate, and the two keys stay
+    unrelated to anyone without it (docs/security.md, "Keys"). Returns (private, public), raw 32 bytes each."""
+    scalar = key.private_numbers().private_value.to_bytes(32, "big")
+    seed = HKDF(hashes.SHA256(), 32, salt=None, info=NOISE_INFO).derive(scalar)
+    priv = x25519.X25519PrivateKey.from_private_bytes(seed)
+    raw = (serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return priv.private_bytes(*raw), priv.public_key().public_bytes(serialization.Encoding.Raw,
+                                                                     serialization.PublicFormat.Raw)

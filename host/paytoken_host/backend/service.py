@@ -15,6 +15,7 @@ from paytoken import wire
 from paytoken_host import protocol
 from paytoken_host.backend import db, journal, outbox
 from paytoken_host.backend import formats as F
+from paytoken_host.backend.keys import noise_static
 from paytoken_host.backend.settle import DAY, Settlement, lock_devices, register_cert
 from paytoken_host.backend.verify import Reject, check_cert, verify_batch
 
@@ -29,6 +30,7 @@ class Backend:
         self.engine = engine
         self.key = backend_key
         self.backend_pub = protocol.sec1(backend_key.public_key()) if backend_key else b""
+        self.noise_priv, self.noise_pub = noise_static(backend_key) if backend_key else (b"", b"")
         self.clock = clock
         self.upload_rate = upload_rate  # uploads per minute per client address
         self.settlement = Settlement(engine, expiry=expiry, clock=clock, commit_hook=commit_hook)
@@ -203,6 +205,13 @@ class Backend:
                 "updates": [u.hex() for u in out]}
 
     # ---- reading ----
+    def keys(self) -> dict:
+        """The public keys a provisioning station installs on a device (hex): the issuer's, the backend's signing
+        key and its X25519 key for the sync session."""
+        if not self.backend_pub:
+            raise Reject(503, "backend has no key")
+        return {"issuer": self.issuer_pub.hex(), "backend": self.backend_pub.hex(), "backend_kx": self.noise_pub.hex()}
+
     def devices(self) -> list[dict]:
         D = db.devices
         with db.read_tx(self.engine) as conn:
