@@ -11,7 +11,7 @@
 #                             PAYTOKEN_SIM_BUTTONS   file of button commands, one a line, read by poll()
 #                             PAYTOKEN_SIM_SCANNER   file of QR texts, one a line, shown to the scanner
 #                             PAYTOKEN_SIM_FLASH     the device's flash image (storage()); made on first use
-# The simulated devices live in sim.py, imported on first use.
+# The simulated devices live in simdisplay.py and siminput.py, imported on first use.
 import os
 import sys
 
@@ -26,7 +26,7 @@ def _env(name):
 
 
 def display(path=None, stream=None, width=None, height=None):
-    from board.sim import SimDisplay
+    from board.simdisplay import SimDisplay
 
     d = INFO.get("display", {})
     if path is None:
@@ -37,7 +37,7 @@ def display(path=None, stream=None, width=None, height=None):
 
 
 def buttons(callback, settle_ms=20, long_ms=800, path=None):
-    from board.sim import SimButtons
+    from board.siminput import SimButtons
 
     if path is None:
         path = _env("PAYTOKEN_SIM_BUTTONS")
@@ -46,7 +46,7 @@ def buttons(callback, settle_ms=20, long_ms=800, path=None):
 
 
 def scanner(path=None):
-    from board.sim import SimScanner, SimUART
+    from board.siminput import SimScanner, SimUART
 
     if path is None:
         path = _env("PAYTOKEN_SIM_SCANNER")

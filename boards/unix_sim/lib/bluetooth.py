@@ -82,7 +82,7 @@ _ATTR_LEN = const(20)  # MP_BLUETOOTH_DEFAULT_ATTR_LEN
 _ADV_MAX = const(31)
 _NAME_MAX = const(31)
 _BUF = const(528)
-_RBUF = const(2048)  # the broker's longest line: an ATT PDU of the largest MTU in hex, and its envelope
+_RBUF = const(1152)  # the broker's longest line: an ATT PDU of the largest MTU (527) in hex, and its envelope
 
 # ATT opcodes
 _ERR = const(0x01)

@@ -20,7 +20,7 @@ from micropython import const
 from paytoken.ble import gatt
 from paytoken.ble.conn import BleLink
 from paytoken.ble.irq import dispatcher
-from paytoken.framing import MAX_FRAME, MAX_MESSAGE, MIN_FRAME, Reassembler
+from paytoken.framing import MAX_FRAME, MIN_FRAME, Reassembler
 from paytoken.link import CLOSED, TIMEOUT, UNREACHABLE, LinkError
 
 _IRQ_SCAN_RESULT = const(5)
@@ -55,7 +55,7 @@ WRITE_TIMEOUT_MS = const(6000)  # a write with response unanswered this long end
 WRITE_STALL_MS = const(6000)  # a write refused (ENOMEM) for this long ends the session (TIMEOUT)
 
 
-async def connect(ble, addr_type, addr, nonce, timeout_ms, mtu=gatt.PREFERRED_MTU, max_message=MAX_MESSAGE):
+async def connect(ble, addr_type, addr, nonce, timeout_ms, mtu=gatt.PREFERRED_MTU, max_message=gatt.SESSION_MESSAGE):
     """Reach the payee of a QR (address, nonce) and open a session: a paytoken Link.
 
     LinkError(UNREACHABLE) when neither the address nor a scan finds a payee offering the service,
@@ -76,7 +76,7 @@ class Central:
     # The GATT client role: its buffers (Reassembler, frame buffer) are allocated once and serve every
     # connection. One connection at a time.
 
-    def __init__(self, ble, mtu=gatt.PREFERRED_MTU, max_message=MAX_MESSAGE):
+    def __init__(self, ble, mtu=gatt.PREFERRED_MTU, max_message=gatt.SESSION_MESSAGE):
         if not MIN_FRAME + 3 <= mtu <= MAX_FRAME + 3:
             raise ValueError("mtu out of range")
         self.ble = ble
