@@ -346,30 +346,39 @@ def romfs_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
     return command(heap, source="import boot\nimport main", romfs=True)
 
 
+def frozen_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
+    """main.py on a unix port with the firmware frozen in (`make frozen-unix`), as a production ESP32 image."""
+    return [os.environ["PAYTOKEN_FROZEN_MICROPYTHON"], "-X", f"heapsize={heap}", "main.py"], dict(
+        os.environ, MICROPYPATH=".frozen")
+
+
 def run_ble(rows: list[dict]) -> None:
     """The seed's payment between two devices over the virtual BLE radio (host/paytoken_host/demo.py): each
     device is main.py in its own MicroPython process with display, scanner, buttons, flash image and radio."""
-    from paytoken_host.demo import DemoError, pay
+    from paytoken_host.demo import DemoError, Launcher, files_launcher, pay
 
     print("\n== Offline payment over BLE (two simulated ESP32s, 30 ms connection interval)")
     print(f"{'measure':52} {'payer':>9} {'payee':>9} {'target':>9}")
     print("-" * 82)
     firmware = FIRMWARE_BUILD
 
-    def once(work: Path, heaps: dict[str, str] | None = None, romfs: bool = False):
+    def once(work: Path):
         try:
-            return pay(work, firmware, heaps=heaps, launch=romfs_launcher if romfs else files_launcher,
-                       screens=heaps is None)
+            return pay(work, firmware, launch=files_launcher)
         except DemoError:
             return None
 
-    def min_heap(work: Path, role: str, romfs: bool, lo: int = 32, hi: int = 512) -> int | None:
+    def min_heap(work: Path, role: str, launch: Launcher, lo: int = 32, hi: int = 512) -> int | None:
         def fits(kb: int) -> bool:
-            return once(work, {"payer": "1M", "payee": "1M", role: f"{kb}K"}, romfs) is not None
+            try:
+                pay(work, firmware, heaps={"payer": "1M", "payee": "1M", role: f"{kb}K"}, launch=launch,
+                    screens=False)
+                return True
+            except DemoError:
+                return False
 
         return smallest_kb(fits, lo, hi)
 
-    from paytoken_host.demo import files_launcher
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "run"
@@ -380,7 +389,9 @@ def run_ble(rows: list[dict]) -> None:
         seconds = statistics.median(r.seconds for r in runs)
         cpu = {role: statistics.median(r.cpu[role] for r in runs) * 1000 for role in ("payer", "payee")}
         air = runs[0].air
-        heap = {role: {"rom": min_heap(work, role, True), "mpy": min_heap(work, role, False)}
+        frozen = os.environ.get("PAYTOKEN_FROZEN_MICROPYTHON")
+        heap = {role: {"rom": min_heap(work, role, romfs_launcher), "mpy": min_heap(work, role, files_launcher),
+                       "frozen": min_heap(work, role, frozen_launcher) if frozen else "-"}
                 for role in ("payer", "payee")}
     table = [
         ("QR scanned -> both records stored (s, median of 3)", round(seconds, 2), "", None),
@@ -389,10 +400,14 @@ def run_ble(rows: list[dict]) -> None:
         ("ATT PDUs over the air, both ways", air["pdus"], "", None),
         ("heap: main.py, code in place from ROMFS (KB)", heap["payer"]["rom"], heap["payee"]["rom"], "<= 96"),
         ("heap: main.py, code from .mpy files (KB)", heap["payer"]["mpy"], heap["payee"]["mpy"], None),
+        ("heap: main.py, firmware frozen in (KB) [1]", heap["payer"]["frozen"], heap["payee"]["frozen"], "<= 96"),
     ]
     for name, a, b, target in table:
         print(f"{name:52} {a!s:>9} {b!s:>9} {target or '':>9}", flush=True)
         rows.append({"measure": name, "payer": a, "payee": b, "target": target})
+    print("[1] a unix port with the firmware frozen in, as a production ESP32 image: "
+          + ("PAYTOKEN_FROZEN_MICROPYTHON" if frozen else "not measured: set PAYTOKEN_FROZEN_MICROPYTHON")
+          + " (make frozen-unix MICROPYTHON_SRC=...)")
 
 
 def main() -> int:
