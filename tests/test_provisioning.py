@@ -83,6 +83,58 @@ def test_a_stream_with_noise_before_a_frame_still_yields_the_frame():
     assert frames.read_frame(port, 0, 0) is None  # nothing more: idle, not an error
 
 
+SERVICE = """
+from paytoken.usb import frames
+from paytoken.usb.service import Error, Service
+class _Port:
+    def __init__(self, data):
+        self.data = data
+        self.out = bytearray()
+    def read(self, n, ms):
+        if not self.data:
+            raise EOFError("unplugged")
+        b = self.data[:n]
+        self.data = self.data[n:]
+        return b
+    def write(self, b):
+        self.out += b
+class _Echo:
+    TYPES = (0x11,)
+    stop = None
+    def handle(self, rtype, p):
+        if p == b"no":
+            raise Error(frames.E_REFUSED, "said no")
+        return b"echo:" + p
+"""
+
+
+def test_the_usb_service_dispatches_by_type_to_registered_handlers(mp):
+    """The dispatcher another handler (sync over USB) registers on: one response per request, by type."""
+    bad = bytearray(frames.encode(0x11, b"x"))
+    bad[-1] ^= 1
+    stream = (frames.encode(0x11, b"hi") + frames.encode(0x11, b"no") + frames.encode(0x12) + b"\x00\x00"
+              + bytes(bad) + frames.encode(0x11, b"again"))
+    mp.exec(SERVICE + f"port = _Port({stream!r})\nsvc = Service(port)\nsvc.register(_Echo())\nwhy = svc.serve()")
+    assert mp.eval("why") == "closed"
+    out = mp.eval("bytes(port.out)")
+
+    class Port:
+        def read(self, n: int, ms: int) -> bytes:
+            nonlocal out
+            b, out = out[:n], out[n:]
+            return b
+
+    got = []
+    while (f := frames.read_frame(Port(), 0, 0)) is not None:
+        got.append(f)
+    assert got == [(0x91, b"\x00echo:hi"), (0x91, bytes((frames.E_REFUSED,)) + b"said no"),
+                   (0x92, bytes((frames.E_UNKNOWN,)) + b"type 18"), (frames.T_BAD_FRAME, b"\x01crc"),
+                   (0x91, b"\x00echo:again")]
+    with pytest.raises(MicroPythonError) as e:
+        mp.exec("svc.register(_Echo())")
+    assert "taken" in e.value.msg
+
+
 # ---- power cuts at every flash write of the provisioning (MicroPython, emulated NOR flash) ----
 
 class Cut(Exception):
@@ -476,6 +528,22 @@ def test_batch_mode_provisions_devices_one_after_another(sim, tmp_path):
     assert [x.split()[0] for x in proc.stdout.splitlines()] == ["[1/2]", "[2/2]"]
     assert "[2/2] waiting for a device" in proc.stderr and "batch: 2 provisioned, 0 failed" in proc.stderr
     assert all(loadable(i) == "ok" for i in images)
+
+
+def test_another_firmware_or_a_wrong_passphrase_is_refused_before_anything_is_made(sim, tmp_path):
+    ss = SimStation(tmp_path / "station", FIRMWARE_BUILD)
+    board = sim()
+    board.power_on()
+    other = tmp_path / "other-build" / "lib"
+    other.mkdir(parents=True)
+    (other / "x.mpy").write_bytes(b"another build")
+    res = ss.run(board, ["--role", "payer", "--firmware", str(other.parent)])
+    assert res.returncode == station.EXIT_CODES["firmware"] and "not the build" in res.stderr
+    ss.passphrase = "not-the-passphrase"
+    res = ss.run(board, ["--role", "payer"])
+    assert res.returncode == station.EXIT_CODES["key"] and "wrong passphrase" in res.stderr
+    with station.SerialLink(board.port, timeout=5) as link:
+        assert json.loads(link.request(frames.T_IDENTIFY))["state"] == "blank"
 
 
 def test_help_documents_every_exit_code_and_option():

@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--port", help="serial port (default: the one board found by USB VID:PID: CP210x, CH340/CH9102, "
                    "FTDI, ESP32-S3/C3 native USB)")
     g.add_argument("--baud", type=int, default=115200, help="serial baud rate (default 115200)")
-    g.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
+    g.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for each answer (default 20: an "
+                   "ESP32 does its P-256 work in MicroPython)")
     g.add_argument("--flash", type=Path, metavar="IMAGE", help="first erase the flash and write this MicroPython "
                    "image with esptool (hardware)")
     g.add_argument("--chip", default="esp32", choices=sorted(FLASH_OFFSET),
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"provision: {e.kind}: {e.message}", file=sys.stderr)
         return e.exit_code
     if a.batch is None:
-        return run_one(a, station, spec, say)
+        return run_one(a, station, spec, say, wait=bool(a.flash or a.deploy))
     return run_batch(a, station, spec, say)
 
 
@@ -248,9 +249,11 @@ def _fail(a: argparse.Namespace, e: StationError, device: str | None = None) -> 
     return e.exit_code
 
 
-def run_one(a: argparse.Namespace, station: Station, spec: Spec, say) -> int:
+def run_one(a: argparse.Namespace, station: Station, spec: Spec, say, wait: bool = False) -> int:
+    """One device; wait: it has just been flashed and is booting (its first answer may take a while)."""
     try:
-        with SerialLink(choose_port(a.port), a.baud, a.timeout) as link:
+        link = wait_for_device(a.port, a, say) if wait else SerialLink(choose_port(a.port), a.baud, a.timeout)
+        with link:
             result = station.provision(link, spec)
     except StationError as e:
         return _fail(a, e)

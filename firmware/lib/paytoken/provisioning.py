@@ -72,14 +72,15 @@ class Provisioning:
             return None
         return dev, Trust(dev.issuer_pub, dev.backend_pub)
 
-    def state(self):
+    def state(self, got=None):
+        # blank | keys | certified | final; got: _device() if the caller has it already
         if self._final():
             return "final"
-        if self._device() is not None:
+        if got is None and store.read(self.root, "cert.bin") is not None:
+            got = self._device()
+        if got is not None:
             return "certified"
-        if self._pending() is not None:
-            return "keys"
-        return "blank"
+        return "keys" if self._pending() is not None else "blank"
 
     def handle(self, rtype, p):
         if rtype == frames.T_IDENTIFY:
@@ -103,10 +104,10 @@ class Provisioning:
             fw_hash = fwinfo.HASH
         except ImportError:
             fw_hash = None
-        st = self.state()
+        got = self._device() if store.read(self.root, "cert.bin") is not None else None
+        st = self.state(got)
         info = {"v": 1, "chip": self.chip, "fw": paytoken.VERSION, "fw_hash": fw_hash, "state": st,
                 "id": None, "role": None, "issuer": None, "cert": None, "balance": None}
-        got = self._device() if st in ("certified", "final") else None
         if got is not None:
             dev = got[0]
             info["id"], info["role"] = _hex(dev.cert.device_id), dev.cert.role
