@@ -568,8 +568,28 @@ def test_flashing_runs_esptool_and_mpremote_as_documented(tmp_path):
         station.flash_micropython("/dev/ttyUSB0", chip, tmp_path / "fw.bin", run=run)
         assert calls[0][-1] == "erase-flash" and calls[1][-3:] == ["-z", offset, str(tmp_path / "fw.bin")]
         assert calls[0][1:3] == ["-m", "esptool"] and ["--chip", chip] == calls[1][3:5]
-    station.deploy_firmware("/dev/ttyUSB0", FIRMWARE_BUILD, run=run)
-    assert calls[-1][1:5] == ["-m", "mpremote", "connect", "/dev/ttyUSB0"] and "romfs" in calls[-1]
+    calls.clear()
+    build = tmp_path / "build"
+    (build / "board").mkdir(parents=True)
+    (build / "board" / "board.json").write_text(json.dumps({"mip": ["ssd1306"]}))
+    station.deploy_firmware("/dev/ttyUSB0", build, run=run)
+    assert [c[1:5] for c in calls] == [["-m", "mpremote", "connect", "/dev/ttyUSB0"]] * 2
+    assert calls[0][5:] == ["mip", "install", "ssd1306"] and calls[1][5:7] == ["romfs", "deploy"]
+
+
+@pytest.mark.hardware
+@pytest.mark.skipif(not os.environ.get("PAYTOKEN_ESP32_IMAGE"), reason="set PAYTOKEN_ESP32_IMAGE to a MicroPython "
+                    "image for the board (and PAYTOKEN_ESP32_CHIP, default esp32) to flash it")
+def test_flash_deploy_and_provision_a_real_board(request, tmp_path):
+    """Erase, flash MicroPython (esptool), deploy the firmware (mpremote), provision: a blank board to a token."""
+    port = request.config.getoption("--port")
+    ss = SimStation(tmp_path / "station", FIRMWARE_BUILD)
+    env = {**os.environ, "PAYTOKEN_KEY_PASSPHRASE": ss.passphrase}
+    args = ["--role", "payer", "--timeout", "30", "--flash", os.environ["PAYTOKEN_ESP32_IMAGE"], "--chip",
+            os.environ.get("PAYTOKEN_ESP32_CHIP", "esp32"), "--deploy", str(FIRMWARE_BUILD)]
+    proc = subprocess.run(ss.command(port, args), capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("provisioned payer ")
 
 
 @pytest.mark.hardware

@@ -124,8 +124,14 @@ def flash_micropython(port: str, chip: str, image: Path, baud: int = 460800,
 
 def deploy_firmware(port: str, build: Path, romfs: bool = True,
                     run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> None:
-    """Copy build/firmware onto the board with mpremote, as `make deploy` (ROMFS image) or `make deploy-files`."""
+    """Copy build/firmware onto the board with mpremote, as `make deploy` (the board's mip packages, then the
+    ROMFS image) or `make deploy-files`."""
     mpremote = [sys.executable, "-m", "mpremote", "connect", port]
+    info = build / "board" / "board.json"
+    for pkg in json.loads(info.read_text()).get("mip", []) if info.exists() else []:
+        proc = run(mpremote + ["mip", "install", pkg], capture_output=True, text=True, cwd=str(build))
+        if proc.returncode != 0:
+            raise StationError("flash", f"mpremote mip install {pkg} failed: {(proc.stdout + proc.stderr)[-400:]}")
     if romfs:
         cmd = mpremote + ["romfs", "deploy", "romfs.img", "+", "fs", "cp", "boot.py", "main.py", ":", "+", "reset"]
     else:
