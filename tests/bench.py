@@ -9,6 +9,8 @@ image, as `make deploy` puts it on an ESP32's romfs partition: there only the wo
 All heap figures are for the 64-bit unix port (8-byte pointers, 32-byte GC blocks); the same objects are
 smaller on the 32-bit ESP32 (4-byte pointers, 16-byte blocks).
 The host column is the `cryptography` package on CPython for the same operation.
+The provisioning table times the USB provisioning station (host/provision.py) against a simulated device over its
+pseudo-terminal at 115200 baud, without flashing, and counts the serial bytes.
 The last table is the settlement backend's (tests/bench_backend.py): settled payments per second through its HTTP
 API on SQLite and PostgreSQL beside the machine's P-256 verification limit.
 """
@@ -410,12 +412,64 @@ def run_ble(rows: list[dict]) -> None:
           + " (make frozen-unix MICROPYTHON_SRC=...)")
 
 
+def run_provisioning(rows: list[dict]) -> None:
+    """USB provisioning of one simulated device (paytoken_host.simstation): the station's steps from IDENTIFY to
+    FINALISE over the pty at 115200 baud, and host/provision.py as an operator runs it (its start-up included)."""
+    from paytoken import wire
+    from paytoken_host import simdevice, station
+    from paytoken_host.simstation import SimBoard, SimStation
+
+    print("\n== USB provisioning (simulated device, pty at 115200 baud, no flashing)")
+    print(f"{'measure':52} {'payer':>9} {'payee':>9} {'target':>9}")
+    print("-" * 82)
+    auth = simdevice.Authority()
+    st = station.Station(auth.issuer.key, None, {"backend": auth.backend_pub, "backend_kx": auth.backend_kx})
+    secs: dict[str, list[float]] = {"payer": [], "payee": []}
+    sent: dict[str, int] = {}
+    received: dict[str, int] = {}
+    cli: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ss = SimStation(work / "station", FIRMWARE_BUILD, auth=auth)
+        for role, code in (("payer", wire.ROLE_PAYER), ("payee", wire.ROLE_PAYEE)):
+            for i in range(3):
+                device_id = os.urandom(wire.ID_LEN)
+                voucher = auth.voucher(device_id, 1, 100_000) if code == wire.ROLE_PAYER else None
+                with SimBoard(work / f"{role}{i}.img", FIRMWARE_BUILD) as board:
+                    board.power_on()
+                    with station.SerialLink(board.port) as link:
+                        res = st.provision(link, station.Spec(code, device_id=device_id, voucher=voucher))
+                    board.wait_exit()
+                secs[role].append(res.seconds)
+                sent[role], received[role] = res.bytes_sent, res.bytes_received
+            with SimBoard(work / f"{role}-cli.img", FIRMWARE_BUILD) as board:
+                board.power_on()
+                args = ["--role", role] + (["--balance", "100000"] if role == "payer" else [])
+                t0 = time.monotonic()
+                proc = ss.run(board, args)
+                cli[role] = time.monotonic() - t0
+                if proc.returncode != 0:
+                    print(f"provision.py failed: {proc.stderr.strip()}")
+                    return
+    table = [
+        ("IDENTIFY -> FINALISE, station library (s, median 3)", round(statistics.median(secs["payer"]), 2),
+         round(statistics.median(secs["payee"]), 2), None),
+        ("host/provision.py end to end, start-up incl. (s)", round(cli["payer"], 2), round(cli["payee"], 2), None),
+        ("serial bytes, station -> device", sent["payer"], sent["payee"], None),
+        ("serial bytes, device -> station", received["payer"], received["payee"], None),
+    ]
+    for name, a, b, target in table:
+        print(f"{name:52} {a!s:>9} {b!s:>9} {target or '':>9}", flush=True)
+        rows.append({"measure": name, "payer": a, "payee": b, "target": target})
+
+
 def main() -> int:
     fwbuild.build(FIRMWARE_BUILD)
     rows: list[dict] = []
     run_crypto(rows)
     run_protocol(rows)
     run_ble(rows)
+    run_provisioning(rows)
     run_ledger(rows)
     run_ops("\n== QR code and screens (MicroPython unix port)", ui_ops(), rows)
     from tests.bench_backend import run_backend

@@ -138,3 +138,4 @@ class SimScanner(Scanner):
     def feed_raw(self, data):
         # bytes on the wire right now, as the module would send them unasked
         self.uart.rx += data
+

@@ -6,6 +6,8 @@ build/firmware/
   board/...                 (the chosen board's files from boards/<BOARD>/, its lib/ excepted)
   lib/*.mpy                 (boards/<BOARD>/lib/: top-level modules standing in for the port's built-ins,
                              e.g. the simulator's `bluetooth`)
+  lib/paytoken/fwinfo.mpy   HASH: firmware_hash() of everything else in lib/ and board/ (the provisioning
+                            service's IDENTIFY reports it; the station compares it with its build)
   romfs.img                 lib/ and board/ as one ROMFS image (vfs.VfsRom): on an ESP32 with a romfs
                             partition the code runs in place from flash instead of loading into the heap
   manifest.py               a freeze manifest of lib/ and board/ for a MicroPython build with the firmware
@@ -92,6 +94,12 @@ def build(out: Path, board: str = "unix_sim", mpy_cross: str | None = None) -> l
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
         written.append(dst)
+    info = out / "lib" / "paytoken" / "fwinfo.mpy"
+    src = out / "fwinfo.py"
+    src.write_text(f'# written by fwbuild: the firmware hash (fwbuild.firmware_hash)\nHASH = "{firmware_hash(out)}"\n')
+    compile_module(mpy_cross, src, info, "paytoken/fwinfo.py")
+    src.unlink()
+    written.append(info)
     written.append(make_romfs(out))
     written.append(make_manifest(out, board_dir))
     return written
@@ -116,6 +124,24 @@ def make_manifest(out: Path, board_dir: Path) -> Path:
     path = out / "manifest.py"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+FWINFO = "lib/paytoken/fwinfo.mpy"
+
+
+def firmware_hash(out: Path) -> str:
+    """SHA-256 (hex) over the built code in out/lib and out/board, path and contents of each file in path
+    order, fwinfo.mpy itself left out: what a provisioned device's IDENTIFY reports."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ROMFS_DIRS:
+        for f in sorted((out / name).rglob("*")):
+            rel = f.relative_to(out).as_posix()
+            if f.is_file() and rel != FWINFO:
+                data = f.read_bytes()
+                h.update(rel.encode() + b"\0" + len(data).to_bytes(4, "big") + data)
+    return h.hexdigest()
 
 
 ROMFS_DIRS = ("lib", "board")
