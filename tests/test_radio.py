@@ -945,6 +945,65 @@ result(notified=[d[2].decode() for e, d in EV if e == 18], indicated=[d[2].decod
     assert p["indicate_done"][2] == 0  # confirmed
 
 
+def test_drop_at_a_chosen_pdu_before_or_after_it_arrives(radio: BrokerThread):
+    """drop_at: the next link drops at the 2nd write request to handle 0x20 (lost with the link), another link
+    right after the peripheral's first notification arrives; `trace` lists the PDUs delivered, in order."""
+    from paytoken_host.simradio import att
+    from paytoken_host.simradio.broker import BrokerError
+
+    async def scenario() -> dict:
+        ctl = radio.broker.control
+        async with RadioClient(radio.address, name="dp") as per, RadioClient(radio.address, name="dc") as cen:
+            armed = ctl("drop_at", nth=2, dir="c2p", att=att.WRITE_REQ, handle=0x20, deliver=False)
+            await per.advertise(20_000)
+            conn = await cen.connect(per.addr, interval_us=20_000)
+            pconn = await per.incoming.get()
+            writes: list[tuple[int, bytes]] = []
+            pconn.on_write = lambda handle, value: writes.append((handle, value))
+            await conn.write(0x20, b"a")  # the 1st match
+            await conn.write(0x21, b"b")  # another handle: no match
+            await conn.write(0x20, b"c", response=False)  # a write command: no match
+            with pytest.raises(ConnectionError):
+                await conn.write(0x20, b"d")  # the 2nd match: the link drops, the write never arrives
+            await pconn.disconnected.wait()
+            lost = dict(writes=list(writes), info=ctl("stats", link=conn.link), trace=ctl("trace", link=conn.link),
+                        reasons=(conn.reason, pconn.reason), armed=armed)
+
+            await per.advertise(20_000)
+            conn = await cen.connect(per.addr, interval_us=20_000)
+            pconn = await per.incoming.get()
+            ctl("drop_at", link=conn.link, dir="p2c", att=att.NOTIFY, reason=0x13)
+            await pconn.notify(0x30, b"n1")
+            await conn.disconnected.wait()
+            arrived = dict(notes=[conn.notifications.get_nowait() for _ in range(conn.notifications.qsize())],
+                           trace=ctl("trace", link=conn.link), reasons=(conn.reason, pconn.reason))
+            refused = []
+            for bad in (dict(dir="up"), dict(nth=0), dict(att=256), dict(handle=True), dict(deliver=1),
+                        dict(link=conn.link)):
+                try:
+                    ctl("drop_at", **bad)
+                except BrokerError as exc:
+                    refused.append(str(exc))
+            return dict(lost=lost, arrived=arrived, refused=refused, next_link=radio.broker.armed)
+
+    r = radio.call(scenario())
+    lost, arrived = r["lost"], r["arrived"]
+    assert lost["armed"]["link"] is None and lost["armed"]["nth"] == 2  # armed for the next link made
+    assert lost["writes"] == [(0x20, b"a"), (0x21, b"b"), (0x20, b"c")]
+    assert lost["reasons"] == (8, 8)
+    assert lost["info"]["up"] is False and lost["info"]["drop_at"] is None
+    assert lost["info"]["stats"]["c2p"]["discarded"] == 1
+    w, rsp, cmd = att.WRITE_REQ, att.WRITE_RSP, att.WRITE_CMD
+    assert [(t["dir"], t["att"], t["handle"]) for t in lost["trace"]] == [
+        ("c2p", w, 0x20), ("p2c", rsp, None), ("c2p", w, 0x21), ("p2c", rsp, None), ("c2p", cmd, 0x20)]
+    assert arrived["notes"] == [(0x30, b"n1")]  # delivered, then the link dropped
+    assert arrived["trace"] == [{"dir": "p2c", "att": att.NOTIFY, "handle": 0x30, "len": 5}]
+    assert arrived["reasons"] == (0x13, 0x13)
+    assert len(r["refused"]) == 6, r["refused"]
+    assert "already down" in r["refused"][-1]
+    assert r["next_link"] is None
+
+
 # --------------------------------------------------------------------------- the link layer's timing
 
 
