@@ -724,7 +724,8 @@ class Broker:
         return asdict(self.config)
 
     def _ctl_reset(self) -> dict[str, Any]:
-        """Back to the default settings (devices and links stay)."""
+        """Back to the default settings, no drop_at armed for the next link (devices and links stay)."""
+        self.armed = None
         defaults = asdict(RadioConfig())
         defaults["interval_ms"] = None
         return self._ctl_config(**defaults)
