@@ -239,5 +239,10 @@ def test_both_devices_pay_again_after_the_drops(run: Run):
         assert payer_end[0] == "paid" and payee_end[0] == "paid", out.events
     for payee in PAYEES:
         assert run.rig.qr[payee] is not None
+    # a terminal whose session began draws a new QR; one the link never reached keeps its QR, paid next time
+    for i, step in enumerate(STEPS[:-2]):  # (the terminals take turns: the next step on this one)
+        after = next(s for s in STEPS[i + 1:] if run.payee_of[s.id] == run.payee_of[step.id])
+        nonces = [dict(run.outcomes[s].events["payer"])["scanned"]["nonce"] for s in (step.id, after.id)]
+        assert (nonces[0] == nonces[1]) == (step.payee is None), (step.id, after.id)
     last = run.outcomes["next_payment"].end("payer")[1]
     assert int(last["counter"]) == len([1 for o in run.outcomes.values() if o.end("payer")[0] != "failed"])
