@@ -90,6 +90,16 @@ class Station:
             if not self._pull(deadline - time.monotonic()):
                 raise RigError(f"{self.device.name}: none of {names} within {timeout} s; last: {self.log[-3:]}")
 
+    def seen(self, names: tuple[str, ...], timeout: float = WAIT_S) -> tuple[str, dict[str, str]]:
+        """Waits for an event named one of `names` among those not handed out yet, and leaves it to next()."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.log[self.read:] if e[0] in names]
+            if found:
+                return found[0]
+            if not self._pull(deadline - time.monotonic()):
+                raise RigError(f"{self.device.name}: none of {names} within {timeout} s; last: {self.log[-3:]}")
+
     def pending(self) -> list[tuple[str, dict[str, str]]]:
         """The events that have arrived and were not handed out yet."""
         while self._pull(0):
@@ -145,8 +155,10 @@ class Rig:
     def scan(self, payee: str) -> None:
         """The terminal's QR, read off its display (its last frame saved as PNG), held to the card's scanner."""
         text = demo.read_qr(self.folder / f"{payee}.png")
-        if wire.decode_qr(base45.decode(text)).nonce.hex() != self.qr[payee]["nonce"]:
-            raise RigError(f"{payee}: the QR on the screen is not the one announced")
+        shown = wire.decode_qr(base45.decode(text)).nonce.hex()
+        if shown != self.qr[payee]["nonce"]:
+            raise RigError(f"{payee}: the QR on the screen ({text!r}, nonce {shown}) is not the one announced "
+                           f"({self.qr[payee]})")
         with open(self.folder / "scanner", "a") as f:
             f.write(text + "\n")
 
