@@ -107,7 +107,7 @@ class Run:
 
 def expected_screens(states: set[tuple]) -> dict[tuple, list[str]]:
     """Each screen state rendered by the firmware's screens on the simulator's display, as its frames print."""
-    source = "from board.sim import SimDisplay\nfrom paytoken.ui import screens\n" + "".join(
+    source = "from board.simdisplay import SimDisplay\nfrom paytoken.ui import screens\n" + "".join(
         f"d = SimDisplay(128, 64)\nscreens.render(d.fb, 128, 64, {s!r})\nprint('FRAME')\nprint(d.render())\n"
         for s in sorted(states))
     proc = simdevice.run_firmware(source, FIRMWARE_BUILD)

@@ -54,8 +54,9 @@ def test_a_text_held_to_the_scanner_file_keeps_its_spaces(tmp_path: Path):
     (tmp_path / "scanner").write_text(text + "\n")
     with MicroPython(heapsize="256K") as payer:
         payer.exec(
-            "from board import sim\nfrom paytoken import payer\nfrom paytoken.drivers.scanner import Scanner\n"
-            f"sc = Scanner(sim.SimUART({str(tmp_path / 'scanner')!r}))\ngot = sc.scan(500)\nqr = payer.parse_qr(got)\n"
+            "from board import siminput\nfrom paytoken import payer\nfrom paytoken.drivers.scanner import Scanner\n"
+            f"sc = Scanner(siminput.SimUART({str(tmp_path / 'scanner')!r}))\n"
+            "got = sc.scan(500)\nqr = payer.parse_qr(got)\n"
         )
         assert payer.eval("got") == text
         assert payer.eval("qr.nonce") == payload[-8:]
