@@ -945,6 +945,103 @@ result(notified=[d[2].decode() for e, d in EV if e == 18], indicated=[d[2].decod
     assert p["indicate_done"][2] == 0  # confirmed
 
 
+def test_a_link_the_broker_ended_is_gone_for_sending_before_its_irq(radio: BrokerThread):
+    """As on an ESP32, where NimBLE's own task ends a link while Python computes: once the broker's `disc` has
+    arrived, a notification or write on that link raises ENOTCONN although the disconnect IRQ comes only at the next
+    pump (the simulator used to send it into the void, as if the link were still up)."""
+    peripheral = device(radio, r"""
+ble.irq(rec)
+ble.active(True)
+((TXH, RXH),) = ble.gatts_register_services(((SVC, (TX, RX)),))
+ble.gap_advertise(20000, adv(b"busy"))
+wait(lambda: got(3))                         # the central's write; the test drops the link once it arrived
+c = data(1)[0]
+time.sleep_ms(400)                           # busy (a signature check), no IRQs handled meanwhile
+before = got(2)
+err = oserr(ble.gatts_notify, c, TXH, b"receipt")
+wait(lambda: got(2))
+result(before=before, err=err, after=got(2))
+""", "busy")
+    wait_advertising(radio, "busy")
+    central = device(radio, r"""
+ble.irq(rec)
+ble.active(True)
+c = connect_to(b"busy")
+ble.gattc_write(c, 15, b"payment", 1)
+wait(lambda: got(8))
+time.sleep_ms(200)
+result(notified=got(18), err=oserr(ble.gattc_write, c, 15, b"x", 0))
+""", "central")
+    link = radio.wait_for(lambda: [x["link"] for x in radio.links()])[0]
+    radio.wait_for(lambda: radio.stats(link)["stats"]["c2p"]["pdus"] >= 1)
+    radio.drop(link)
+    p, c = results(peripheral, central)
+    assert p == {"before": False, "err": ENOTCONN, "after": True}
+    assert c == {"notified": False, "err": ENOTCONN}
+
+
+def test_drop_at_a_chosen_pdu_before_or_after_it_arrives(radio: BrokerThread):
+    """drop_at: the next link drops at the 2nd write request to handle 0x20 (lost with the link), another link
+    right after the peripheral's first notification arrives; `trace` lists the PDUs delivered, in order."""
+    from paytoken_host.simradio import att
+    from paytoken_host.simradio.broker import BrokerError
+
+    async def scenario() -> dict:
+        ctl = radio.broker.control
+        async with RadioClient(radio.address, name="dp") as per, RadioClient(radio.address, name="dc") as cen:
+            armed = ctl("drop_at", nth=2, dir="c2p", att=att.WRITE_REQ, handle=0x20, deliver=False)
+            await per.advertise(20_000)
+            conn = await cen.connect(per.addr, interval_us=20_000)
+            pconn = await per.incoming.get()
+            writes: list[tuple[int, bytes]] = []
+            pconn.on_write = lambda handle, value: writes.append((handle, value))
+            await conn.write(0x20, b"a")  # the 1st match
+            await conn.write(0x21, b"b")  # another handle: no match
+            await conn.write(0x20, b"c", response=False)  # a write command: no match
+            with pytest.raises(ConnectionError):
+                await conn.write(0x20, b"d")  # the 2nd match: the link drops, the write never arrives
+            await pconn.disconnected.wait()
+            lost = dict(writes=list(writes), info=ctl("stats", link=conn.link), trace=ctl("trace", link=conn.link),
+                        reasons=(conn.reason, pconn.reason), armed=armed)
+
+            await per.advertise(20_000)
+            conn = await cen.connect(per.addr, interval_us=20_000)
+            pconn = await per.incoming.get()
+            ctl("drop_at", link=conn.link, dir="p2c", att=att.NOTIFY, reason=0x13)
+            await pconn.notify(0x30, b"n1")
+            await conn.disconnected.wait()
+            arrived = dict(notes=[conn.notifications.get_nowait() for _ in range(conn.notifications.qsize())],
+                           trace=ctl("trace", link=conn.link), reasons=(conn.reason, pconn.reason))
+            refused = []
+            for bad in (dict(dir="up"), dict(nth=0), dict(att=256), dict(handle=True), dict(deliver=1),
+                        dict(link=conn.link)):
+                try:
+                    ctl("drop_at", **bad)
+                except BrokerError as exc:
+                    refused.append(str(exc))
+            ctl("drop_at", nth=5)
+            armed = radio.broker.armed is not None
+            ctl("reset")  # disarms it
+            return dict(lost=lost, arrived=arrived, refused=refused, armed=armed, next_link=radio.broker.armed)
+
+    r = radio.call(scenario())
+    lost, arrived = r["lost"], r["arrived"]
+    assert lost["armed"]["link"] is None and lost["armed"]["nth"] == 2  # armed for the next link made
+    assert lost["writes"] == [(0x20, b"a"), (0x21, b"b"), (0x20, b"c")]
+    assert lost["reasons"] == (8, 8)
+    assert lost["info"]["up"] is False and lost["info"]["drop_at"] is None
+    assert lost["info"]["stats"]["c2p"]["discarded"] == 1
+    w, rsp, cmd = att.WRITE_REQ, att.WRITE_RSP, att.WRITE_CMD
+    assert [(t["dir"], t["att"], t["handle"]) for t in lost["trace"]] == [
+        ("c2p", w, 0x20), ("p2c", rsp, None), ("c2p", w, 0x21), ("p2c", rsp, None), ("c2p", cmd, 0x20)]
+    assert arrived["notes"] == [(0x30, b"n1")]  # delivered, then the link dropped
+    assert arrived["trace"] == [{"dir": "p2c", "att": att.NOTIFY, "handle": 0x30, "len": 5}]
+    assert arrived["reasons"] == (0x13, 0x13)
+    assert len(r["refused"]) == 6, r["refused"]
+    assert "already down" in r["refused"][-1]
+    assert r["armed"] and r["next_link"] is None
+
+
 # --------------------------------------------------------------------------- the link layer's timing
 
 

@@ -42,3 +42,21 @@ def test_payee_screen_to_payer_scanner(tmp_path: Path):
         assert payer.eval("[qr.wallet_short, qr.ble_addr, qr.addr_random, qr.x25519_pub, qr.nonce]") == [
             payload[1:5], payload[5:11], True, payload[11:43], payload[43:51]]
         assert payer.eval("sc.uart.triggers") == 1  # one trigger command, one code
+
+
+def test_a_text_held_to_the_scanner_file_keeps_its_spaces(tmp_path: Path):
+    """The simulator's scanner file (PAYTOKEN_SIM_SCANNER, as the demo and the two-device tests feed it): a payee
+    whose wallet id encodes to a leading space (base45's character 36) must still be paid. The file reader used
+    to strip it, and the card refused every QR of such a payee as malformed."""
+    payload = wire.qr_payload(bytes.fromhex("b8f33f9b"), os.urandom(6), True, os.urandom(32), os.urandom(8))
+    text = base45.encode(payload)
+    assert text.startswith(" ")
+    (tmp_path / "scanner").write_text(text + "\n")
+    with MicroPython(heapsize="256K") as payer:
+        payer.exec(
+            "from board import siminput\nfrom paytoken import payer\nfrom paytoken.drivers.scanner import Scanner\n"
+            f"sc = Scanner(siminput.SimUART({str(tmp_path / 'scanner')!r}))\n"
+            "got = sc.scan(500)\nqr = payer.parse_qr(got)\n"
+        )
+        assert payer.eval("got") == text
+        assert payer.eval("qr.nonce") == payload[-8:]

@@ -28,7 +28,8 @@ class _Tail:
         data = self.partial + data
         parts = data.split(b"\n")
         self.partial = parts.pop()
-        return [p.decode().strip() for p in parts if p.strip()]
+        # only the line ending goes: a QR text may begin with a space (one of base45's characters)
+        return [p.decode().rstrip("\r") for p in parts if p.strip()]
 
 
 # Buttons ---------------------------------------------------------------------------------------------

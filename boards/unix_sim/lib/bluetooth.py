@@ -195,6 +195,7 @@ class _Conn:
         self.q = []  # (proc, pdu, blocks) waiting for it
         self.cccd = {}  # value handle -> client configuration (1 notify, 2 indicate)
         self.closing = False
+        self.gone = False  # the broker said the link is down; the IRQ follows when the queue is handled
 
 
 _ble = None
@@ -333,9 +334,10 @@ class BLE:
 
     def _fill(self, ms):
         # Read what the broker sent (waiting up to ms). Transmit buffer releases apply at once, as NimBLE
-        # frees them from its own task; every other message waits in _q for _pump. The bytes go into one
-        # preallocated buffer: NimBLE's own memory is not MicroPython's heap on an ESP32, so the simulated
-        # stack must not churn the firmware's heap with a fresh buffer per read.
+        # frees them from its own task, and so does the end of a link for sending on it (its handler call waits
+        # with every other message in _q for _pump). The bytes go into one preallocated buffer: NimBLE's own
+        # memory is not MicroPython's heap on an ESP32, so the simulated stack must not churn the firmware's
+        # heap with a fresh buffer per read.
         s = self._s
         if s is None or not self._p.poll(ms):
             return False
@@ -373,6 +375,8 @@ class BLE:
                     c.held -= b
                     self._txfree += b
             else:
+                if isinstance(m, dict) and m.get("t") == "disc" and m.get("c") in self._conns:
+                    self._conns[m["c"]].gone = True  # the stack knows now; the handler hears of it later
                 self._q.append(m)
         if start:
             self._rmv[: n - start] = self._rmv[start:n]
@@ -791,14 +795,24 @@ class BLE:
         pdu = bytes((_INDICATE if ind else _NOTIFY,)) + _u16(vh) + data[: mtu - 3]  # cut to fit, silently
         b = _blocks(len(pdu))
         self._room(b)
-        if c is None:
-            raise OSError(_ENOTCONN)
+        c = self._live(ch)
         self._take(c, b)
         if ind:
             self._procs += 1
             self._req(c, [_P_IND, vh], pdu, b)
         else:
             self._tx(ch, pdu, b)
+
+    def _live(self, ch):
+        # The connection to send on, as NimBLE's host task knows it: a link the broker already ended is gone
+        # (ENOTCONN) even while its disconnect IRQ still waits to be handled (on an ESP32 the stack's own task
+        # ends the link while Python is busy elsewhere).
+        while self._fill(0):
+            pass
+        c = self._conns.get(ch)
+        if c is None or c.gone:
+            raise OSError(_ENOTCONN)
+        return c
 
     def _room(self, blocks):
         if self._txfree < blocks:
@@ -832,9 +846,7 @@ class BLE:
             raise OSError(_EINVAL)
         b = _blocks(len(pdu))
         self._room(b)
-        c = self._conns.get(ch)
-        if c is None:
-            raise OSError(_ENOTCONN)
+        c = self._live(ch)
         self._procs += 1
         self._take(c, b)
         self._req(c, p or [kind], pdu, b)
@@ -886,8 +898,7 @@ class BLE:
             return
         b = _blocks(len(pdu))
         self._room(b)
-        if c is None:
-            raise OSError(_ENOTCONN)
+        c = self._live(conn_handle)
         self._take(c, b)
         self._tx(conn_handle, pdu, b)
 

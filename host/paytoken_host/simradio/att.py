@@ -2,7 +2,7 @@
 
 The broker carries ATT PDUs unchanged between devices; only the devices (the MicroPython `bluetooth` module and
 `client.RadioClient`) build and parse them. The broker looks at the opcode of exchanged MTU PDUs to report a link's
-ATT MTU, nothing else.
+ATT MTU, and at opcodes and handles for its `trace` and `drop_at` (docs/simulator.md), nothing else.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ WRITE_CMD = 0x52
 
 REQUESTS = {MTU_REQ, FIND_INFO_REQ, FIND_TYPE_VALUE_REQ, READ_TYPE_REQ, READ_REQ, READ_BLOB_REQ,
             READ_GROUP_TYPE_REQ, WRITE_REQ}
+HANDLE_PDUS = {READ_REQ, READ_BLOB_REQ, WRITE_REQ, WRITE_CMD, NOTIFY, INDICATE}  # opcode, then a handle
 RESPONSES = {ERROR_RSP, MTU_RSP, FIND_INFO_RSP, FIND_TYPE_VALUE_RSP, READ_TYPE_RSP, READ_RSP, READ_BLOB_RSP,
              READ_GROUP_TYPE_RSP, WRITE_RSP}
 

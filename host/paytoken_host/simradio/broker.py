@@ -131,6 +131,32 @@ class Packet:
     left: int  # L2CAP bytes (PDU + 4-byte header) still to send as LL packets
 
 
+@dataclass
+class DropRule:
+    """`drop_at`: drop a link at the `nth` ATT PDU that matches (direction, opcode, attribute handle; None: any),
+    right after delivering it, or instead of delivering it (`deliver` False: it is lost with the link)."""
+
+    nth: int
+    dir: str | None = None
+    att: int | None = None
+    handle: int | None = None
+    deliver: bool = True
+    reason: int = REASON_CONN_TIMEOUT
+    seen: int = 0  # matching PDUs so far (the nth is the one the link drops at)
+
+    def matches(self, side: str, pdu: bytes) -> bool:
+        return ((self.dir is None or self.dir == side) and (self.att is None or self.att == pdu[0])
+                and (self.handle is None or self.handle == pdu_handle(pdu)))
+
+
+def pdu_handle(pdu: bytes) -> int | None:
+    """The attribute handle of a PDU that names one (reads, writes, notifications, indications); else None."""
+    return int.from_bytes(pdu[1:3], "little") if pdu[0] in att.HANDLE_PDUS and len(pdu) >= 3 else None
+
+
+TRACE_LEN = 512  # ATT PDUs a link remembers (`trace`)
+
+
 def _direction_stats() -> dict[str, int]:
     return dict(pdus=0, bytes=0, ll_packets=0, ll_bytes=0, retransmissions=0, discarded=0)
 
@@ -156,6 +182,8 @@ class Link:
     terminate: Device | None = None  # gap_disconnect asked by this side: ends at the next connection event
     drop_after: int | None = None
     drop_reason: int = REASON_CONN_TIMEOUT
+    drop_at: DropRule | None = None
+    trace: deque[tuple[str, int, int | None, int]] = field(default_factory=lambda: deque(maxlen=TRACE_LEN))
     reason: dict[str, int] | None = None
     closed: float | None = None
     event: int = 0
@@ -203,6 +231,7 @@ class Broker:
         self.config = config or RadioConfig()
         self.devices: dict[int, Device] = {}
         self.links: dict[int, Link] = {}
+        self.armed: DropRule | None = None  # drop_at without a link: for the next link made
         self._server: asyncio.Server | None = None
         self._next_device = 1
         self._next_link = 1
@@ -514,7 +543,8 @@ class Broker:
             params["interval_ms"] = pending.interval_us / 1000
         now = self.now()
         link = Link(self._next_link, central, peripheral, self._free_handle(central), self._free_handle(peripheral),
-                    params, now, now)
+                    params, now, now, drop_at=self.armed)
+        self.armed = None
         self._next_link += 1
         self.links[link.id] = link
         central.links[link.ch] = link
@@ -597,6 +627,18 @@ class Broker:
 
     def _deliver(self, link: Link, side: str, pkt: Packet) -> None:
         receiver, handle = (link.peripheral, link.ph) if side == "c2p" else (link.central, link.ch)
+        rule = link.drop_at
+        if rule is not None and rule.matches(side, pkt.pdu):
+            rule.seen += 1
+            if rule.seen == rule.nth:
+                link.drop_at = None
+                if not rule.deliver:  # lost with the link: the sender's buffers stay taken, as on air
+                    log.info("link %d: dropped at a planned PDU, before it arrived", link.id)
+                    link.stats[side]["discarded"] += 1
+                    self._drop(link, rule.reason, rule.reason)
+                    return
+                link.drop_after, link.drop_reason = 1, rule.reason
+        link.trace.append((side, pkt.pdu[0], pdu_handle(pkt.pdu), len(pkt.pdu)))
         stats = link.stats[side]
         stats["pdus"] += 1
         stats["bytes"] += len(pkt.pdu)
@@ -682,7 +724,8 @@ class Broker:
         return asdict(self.config)
 
     def _ctl_reset(self) -> dict[str, Any]:
-        """Back to the default settings (devices and links stay)."""
+        """Back to the default settings, no drop_at armed for the next link (devices and links stay)."""
+        self.armed = None
         defaults = asdict(RadioConfig())
         defaults["interval_ms"] = None
         return self._ctl_config(**defaults)
@@ -716,6 +759,33 @@ class Broker:
                 raise BrokerError(f"after must be a positive number of packets, got {after!r}")
             target.drop_after, target.drop_reason = after, reason
         return self._link_info(target)
+
+    def _ctl_drop_at(self, nth: int = 1, link: int | None = None, dir: str | None = None, att: int | None = None,
+                     handle: int | None = None, deliver: bool = True,
+                     reason: int = REASON_CONN_TIMEOUT) -> dict[str, Any]:
+        target = None if link is None else self._find_link(link)
+        if target is not None and not target.up:
+            raise BrokerError(f"link {link} is already down")
+        if dir not in (None, "c2p", "p2c"):
+            raise BrokerError(f'dir must be "c2p" (central to peripheral), "p2c" or null, got {dir!r}')
+        for name, value, lo, hi in (("nth", nth, 1, 1 << 31), ("att", att, 0, 0xFF), ("handle", handle, 0, 0xFFFF),
+                                    ("reason", reason, 1, 0xFF)):
+            if value is None and name in ("att", "handle"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise BrokerError(f"{name} must be an integer {lo}..{hi}, got {value!r}")
+        if not isinstance(deliver, bool):
+            raise BrokerError(f"deliver must be true or false, got {deliver!r}")
+        rule = DropRule(nth, dir, att, handle, deliver, reason)
+        if target is None:
+            self.armed = rule
+        else:
+            target.drop_at = rule
+        return {"link": link, **asdict(rule)}
+
+    def _ctl_trace(self, link: int) -> list[dict[str, Any]]:
+        return [{"dir": side, "att": op, "handle": handle, "len": size}
+                for side, op, handle, size in self._find_link(link).trace]
 
     def _ctl_devices(self) -> list[dict[str, Any]]:
         return [
@@ -766,6 +836,7 @@ class Broker:
             stats[side] = dict(stats[side], queued=len(link.queue[side]))
         return {
             "link": link.id, "up": link.up, "reason": link.reason, "mtu": link.mtu,
+            "drop_at": None if link.drop_at is None else asdict(link.drop_at),
             "central": end(link.central, link.ch), "peripheral": end(link.peripheral, link.ph),
             "params": dict(link.params), "stats": stats,
             "created_ms": round((link.created - self._t0) * 1000),
@@ -777,8 +848,8 @@ class BrokerThread:
     """A broker on its own event loop in a background thread, for tests: `with BrokerThread() as radio: ...`.
 
     `radio.address` is what PAYTOKEN_RADIO must hold; every control operation is a method (`config`, `reset`,
-    `drop`, `devices`, `links`, `stats`, `inject`, `ping`); `call(coro)` runs a coroutine (e.g. a `RadioClient`
-    scenario) on the broker's loop and returns its result.
+    `drop`, `drop_at`, `trace`, `devices`, `links`, `stats`, `inject`, `ping`); `call(coro)` runs a coroutine
+    (e.g. a `RadioClient` scenario) on the broker's loop and returns its result.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, seed: int | None = None,
@@ -837,6 +908,14 @@ class BrokerThread:
 
     def drop(self, link: int, reason: int = REASON_CONN_TIMEOUT, after: int | None = None) -> dict[str, Any]:
         return self.control("drop", link=link, reason=reason, after=after)
+
+    def drop_at(self, nth: int = 1, link: int | None = None, dir: str | None = None, att: int | None = None,
+                handle: int | None = None, deliver: bool = True, reason: int = REASON_CONN_TIMEOUT) -> dict[str, Any]:
+        return self.control("drop_at", nth=nth, link=link, dir=dir, att=att, handle=handle, deliver=deliver,
+                            reason=reason)
+
+    def trace(self, link: int) -> list[dict[str, Any]]:
+        return self.control("trace", link=link)
 
     def devices(self) -> list[dict[str, Any]]:
         return self.control("devices")
