@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import cache
 
 from sqlalchemy import (
     BigInteger,
@@ -26,10 +27,14 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
+    insert,
     text,
+    update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.pool import NullPool
 
 metadata = MetaData()
@@ -287,3 +292,58 @@ def set_setting(conn: Connection, key: str, value: str) -> None:
 
     conn.execute(delete(settings).where(settings.c.key == key))
     conn.execute(insert(settings).values(key=key, value=value))
+
+
+COPY_MIN_ROWS = 20  # below this, a plain multi-row INSERT costs less than setting up a COPY
+
+
+@cache
+def _pg_type(col: Column) -> str:
+    """A column's PostgreSQL type name without its length (what binary COPY and array casts name)."""
+    return col.type.compile(dialect=postgresql.dialect()).split("(")[0].lower()
+
+
+def _raw_cursor(conn: Connection):
+    return conn.connection.driver_connection.cursor()  # psycopg's own, in the connection's transaction
+
+
+def insert_many(conn: Connection, table: Table, rows: list[dict]) -> None:
+    """Inserts rows (dicts with the same columns; the others take their defaults): on PostgreSQL, many of them
+    with a binary COPY, one round trip in the transaction (binary: bytea goes as it is, not hex-escaped)."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql" or len(rows) < COPY_MIN_ROWS:
+        conn.execute(insert(table), rows)
+        return
+    cols = [c for c in table.columns if c.name in rows[0]]
+    names = [c.name for c in cols]
+    from psycopg.types.string import BytesBinaryDumper
+
+    cur = _raw_cursor(conn)
+    # bytea by oid would get psycopg's DB-API Binary dumper (Python code per value): bytes' own is C
+    cur.adapters.register_dumper(bytes, BytesBinaryDumper)
+    with cur.copy(f"COPY {table.name} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types([_pg_type(c) for c in cols])
+        for r in rows:
+            copy.write_row([r[n] for n in names])
+
+
+def update_many(conn: Connection, table: Table, key: str, cols: Sequence[str], rows: list[dict],
+                add: bool = False) -> None:
+    """For each row (a dict with key and cols; keys unique): UPDATE table SET col = row[col] (col + row[col]
+    with add) WHERE key = row[key]. On PostgreSQL one statement over binary arrays, whatever the number of rows
+    (not a statement execution per row). Rows are not locked in a set order: the caller holds the locks that
+    order its writers (the device rows, FOR UPDATE)."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        stmt = update(table).where(table.c[key] == bindparam("b_" + key)).values(
+            **{c: (table.c[c] + bindparam("b_" + c)) if add else bindparam("b_" + c) for c in cols})
+        conn.execute(stmt, [{"b_" + k: r[k] for k in (key, *cols)} for r in rows])
+        return
+    names = (key, *cols)
+    args = ", ".join(f"%b::{_pg_type(table.c[n])}[]" for n in names)
+    sets = ", ".join(f"{c} = {table.name}.{c} + v.{c}" if add else f"{c} = v.{c}" for c in cols)
+    sql = f"UPDATE {table.name} SET {sets} FROM unnest({args}) AS v({', '.join(names)}) " \
+          f"WHERE {table.name}.{key} = v.{key}"
+    _raw_cursor(conn).execute(sql, [[r[n] for r in rows] for n in names])

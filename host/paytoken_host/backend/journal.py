@@ -5,7 +5,7 @@ balance is the sum of its lines. Accounts: `bank` (the bank's side of the money 
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select
 
 from paytoken_host.backend import db
 
@@ -34,11 +34,10 @@ def post(conn: Connection, kind: str, ref: str, lines: dict[str, int], now: int)
         raise ValueError(f"unbalanced journal entry {kind} {ref}: {lines}")
     entry = conn.execute(insert(db.journal_entries).values(kind=kind, ref=ref, created_at=now)).inserted_primary_key[0]
     if lines:
-        conn.execute(insert(db.journal_lines), [{"entry_id": entry, "account": a, "amount": v}
-                                                 for a, v in sorted(lines.items())])
-        conn.execute(update(db.accounts).where(db.accounts.c.name == bindparam("b_name"))
-                     .values(balance=db.accounts.c.balance + bindparam("b_amount")),
-                     [{"b_name": a, "b_amount": v} for a, v in sorted(lines.items())])
+        db.insert_many(conn, db.journal_lines, [{"entry_id": entry, "account": a, "amount": v}
+                                                for a, v in sorted(lines.items())])
+        db.update_many(conn, db.accounts, "name", ("balance",),
+                       [{"name": a, "balance": v} for a, v in sorted(lines.items())], add=True)
     return entry
 
 

@@ -567,11 +567,8 @@ class Settlement:
         me["synced_seq"], me["synced_hash"] = b.upto_seq, b.head.chain_hash
         changed = [dev for dev in ctx.devs.values() if any(dev[k] != ctx.orig[dev["device_id"]][k]
                                                            for k in _DEVICE_STATE)]
-        if changed:
-            stmt = update(db.devices).where(db.devices.c.device_id == bindparam("b_id")).values(
-                **{k: bindparam("b_" + k) for k in _DEVICE_STATE})
-            conn.execute(stmt, [{"b_id": d["device_id"], **{"b_" + k: d[k] for k in _DEVICE_STATE}}
-                                for d in sorted(changed, key=lambda d: d["device_id"])])
+        db.update_many(conn, db.devices, "device_id", _DEVICE_STATE,
+                       sorted(changed, key=lambda d: d["device_id"]))
         # Payment records (SENT, RESULT, RCVD) are rebuilt byte for byte from the payments table (payment and
         # receipt bytes); the others are kept here, each as seq u32, length u16, payload.
         blob = b"".join(struct.pack(">IH", r.seq, len(r.payload)) + r.payload for r in b.records
@@ -583,17 +580,8 @@ class Settlement:
 
     def _write_rows(self, ctx: Ctx) -> None:
         conn = ctx.conn
-        if ctx.new:
-            rows = [ctx.rows[t] for t in sorted(ctx.new)]
-            if conn.dialect.name == "postgresql" and len(rows) > 20:
-                copy_rows(conn, db.payments, rows)
-            else:
-                conn.execute(insert(db.payments), rows)
-        if ctx.dirty:
-            stmt = update(db.payments).where(db.payments.c.txid == bindparam("b_txid")).values(
-                **{k: bindparam("b_" + k) for k in _MUTABLE})
-            conn.execute(stmt, [{"b_txid": t, **{"b_" + k: ctx.rows[t][k] for k in _MUTABLE}}
-                                for t in sorted(ctx.dirty)])
+        db.insert_many(conn, db.payments, [ctx.rows[t] for t in sorted(ctx.new)])
+        db.update_many(conn, db.payments, "txid", _MUTABLE, [ctx.rows[t] for t in sorted(ctx.dirty)])
 
     def _write_side(self, ctx: Ctx) -> None:
         conn = ctx.conn
@@ -667,15 +655,6 @@ class Settlement:
                     "payments": [{"txid": t.hex(), "payer": r["payer_id"].hex(), "amount": r["amount"]}
                                  for t, r in ctx.rows.items()]}, now)
         return done
-
-
-def copy_rows(conn: Connection, table, rows: list[dict]) -> None:
-    """Bulk insert with PostgreSQL's COPY (binary): one round trip for a whole batch of rows, in the transaction."""
-    cols = [c.name for c in table.columns]
-    cur = conn.connection.driver_connection.cursor()
-    with cur.copy(f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
-        for r in rows:
-            copy.write_row([r[c] for c in cols])
 
 
 def register_cert(conn: Connection, cert: wire.Certificate, now: int) -> bool:

@@ -112,10 +112,11 @@ def verify_batch(batch: F.Batch, lookup: Callable[[bytes], wire.Certificate | No
         c = check_cert(raw, issuer_pub)
         certs[c.device_id] = new[c.device_id] = c
 
-    def cert_of(device_id: bytes, what: str) -> wire.Certificate:
+    def cert_of(device_id: bytes, seq: int, role: str) -> wire.Certificate:
         c = certs.get(device_id) or lookup(device_id)
         if c is None:
-            raise Reject(422, f"{what}: unknown device {device_id.hex()} (register it or include its certificate)")
+            raise Reject(422, f"record {seq} {role}: unknown device {device_id.hex()} (register it or include its "
+                              f"certificate)")
         certs[device_id] = c
         return c
 
@@ -135,7 +136,7 @@ def verify_batch(batch: F.Batch, lookup: Callable[[bytes], wire.Certificate | No
     dev = batch.device_id
     v = Verified(batch, cert, chain, new_certs=new)
     last_sent: PaymentObs | None = None
-    sigs: list[tuple[bytes, bytes, str]] = []
+    sigs: list[tuple[bytes, bytes, int, str]] = []  # (key, signed bytes, record seq, what fails if it does not verify)
     for r in batch.records:
         seq, payload = r.seq, r.payload
         kind = payload[0]
@@ -152,8 +153,8 @@ def verify_batch(batch: F.Batch, lookup: Callable[[bytes], wire.Certificate | No
                 dev, payee_id, amount, nonce, hs, t
             ) or p.txid != wire.txid(dev, p.counter):
                 raise Reject(422, f"record {seq}: payment fields differ from the ledger record")
-            sigs.append((cert.identity_pub, p.raw, f"record {seq}: payment not signed by the payer"))
-            cert_of(payee_id, f"record {seq} payee")
+            sigs.append((cert.identity_pub, p.raw, seq, "payment not signed by the payer"))
+            cert_of(payee_id, seq, "payee")
             last_sent = PaymentObs(seq, F.K_SENT, p, phash)
             v.events.append((seq, F.K_SENT, last_sent))
         elif kind == F.K_RESULT:
@@ -166,8 +167,8 @@ def verify_batch(batch: F.Batch, lookup: Callable[[bytes], wire.Certificate | No
             if last_sent is not None:
                 if rc.payment_hash != last_sent.payment_hash:
                     raise Reject(422, f"record {seq}: receipt is not for the payment before it")
-                payee = cert_of(last_sent.payment.payee_id, f"record {seq} payee")
-                sigs.append((payee.identity_pub, rc.raw, f"record {seq}: receipt not signed by the payee"))
+                payee = cert_of(last_sent.payment.payee_id, seq, "payee")
+                sigs.append((payee.identity_pub, rc.raw, seq, "receipt not signed by the payee"))
                 last_sent.receipt = rc
                 last_sent = None
             elif v.pending_receipt is None and not v.events:
@@ -180,14 +181,15 @@ def verify_batch(batch: F.Batch, lookup: Callable[[bytes], wire.Certificate | No
             payment_raw = F.rebuild_payment_rcvd(dev, payload)
             if r.payment is not None and r.payment != payment_raw:
                 raise Reject(422, f"record {seq}: payment differs from the ledger record")
-            p = wire.decode_payment(payment_raw)
+            # the payment's fields are the record's (rebuilt from them, txid included): no second parse
+            p = wire.Payment(payment_raw[2:18], f[0], dev, *f[1:9], payment_raw)
             rc = _decode(wire.decode_receipt, r.receipt, seq, "receipt")
             phash = hashlib.sha256(payment_raw).digest()
             if rc.payment_hash != phash or (rc.status, rc.time) != (f[10], f[11]):
                 raise Reject(422, f"record {seq}: receipt differs from the ledger record")
-            payer = cert_of(p.payer_id, f"record {seq} payer")
-            sigs.append((payer.identity_pub, payment_raw, f"record {seq}: payment not signed by the payer"))
-            sigs.append((cert.identity_pub, rc.raw, f"record {seq}: receipt not signed by this device"))
+            payer = cert_of(p.payer_id, seq, "payer")
+            sigs.append((payer.identity_pub, payment_raw, seq, "payment not signed by the payer"))
+            sigs.append((cert.identity_pub, rc.raw, seq, "receipt not signed by this device"))
             v.events.append((seq, F.K_RCVD, PaymentObs(seq, F.K_RCVD, p, phash, rc)))
         elif kind in (F.K_VOUCHER, F.K_ACK, F.K_STATUS):
             body = payload[1:]
@@ -200,11 +202,11 @@ def verify_batch(batch: F.Batch, lookup: Callable[[bytes], wire.Certificate | No
                 msg = _decode(decode, body, seq, "backend message")
             if msg.device_id != dev:
                 raise Reject(422, f"record {seq}: backend message for another device")
-            sigs.append((backend_pub, msg.raw, f"record {seq}: not signed by this backend"))
+            sigs.append((backend_pub, msg.raw, seq, "not signed by this backend"))
             v.events.append((seq, kind, msg))
         else:
             raise Reject(422, f"record {seq}: unknown record kind {kind}")
-    for pub, raw, why in sigs:
+    for pub, raw, seq, why in sigs:
         if not signed_by(pub, raw):
-            raise Reject(422, why)
+            raise Reject(422, f"record {seq}: {why}")
     return v
