@@ -281,11 +281,11 @@ class Wallet:
 
         return wallet_sync.history(self, limit)
 
-    def compact(self):
-        # Drops records the backend acknowledged; True if it did.
+    def compact(self, keep=0):
+        # Drops records the backend acknowledged (all but the newest `keep` payments); True if it did.
         from paytoken import wallet_sync
 
-        return wallet_sync.compact(self)
+        return wallet_sync.compact(self, keep)
 
     def _load_revocation(self):
         try:
