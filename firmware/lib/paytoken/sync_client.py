@@ -59,20 +59,27 @@ class SyncClient:
         self.applied = 0  # updates that changed the wallet
 
     def pending(self):
-        # (base_seq, records after it) of what the next upload starts from: nothing to upload if the records
-        # after the backend's acknowledgement are only its own acknowledgements and statuses.
+        # (base, upto): the ledger records base+1..upto that the next upload carries, from the backend's last
+        # acknowledgement, at most the batch size, but a payment never without the receipt right after it (the
+        # backend settles a payment when the receipt arrives with it). base == upto: nothing to upload, the
+        # records after the acknowledgement are only the backend's own acknowledgements and statuses.
         w = self.wallet
-        base = max(w.acked_seq, w.ledger.base_seq)
-        n = 0
+        base = upto = max(w.acked_seq, w.ledger.base_seq)
         found = False
+        prev = 0
         records = w.ledger.records(base + 1)
         try:
-            for _, payload in records:
-                n += 1
-                found = found or payload[0] in _UPLOADED
+            for seq, payload in records:
+                kind = payload[0]
+                found = found or kind in _UPLOADED
+                if upto == seq - 1 and (seq - base <= self._batch or (kind == K_RESULT and prev == K_SENT)):
+                    upto = seq
+                elif found:
+                    break
+                prev = kind
         finally:
             records.close()
-        return base, n if found else 0
+        return base, upto if found else base
 
     def request(self):
         if self.finished:
@@ -80,8 +87,8 @@ class SyncClient:
         w = self.wallet
         if w.locked:
             raise SyncError("ledger damaged: %s" % w.ledger.corrupt, True)
-        base, n = self.pending()
-        if not n and not self._asked_updates:
+        base, upto = self.pending()
+        if upto == base and not self._asked_updates:
             self.finished = True
             return None
         self._hs = None
@@ -90,16 +97,9 @@ class SyncClient:
                                                     hs.ephemeral_public()[:16]))
         head = None
         records = []
-        if n:
-            upto = base + min(n, self._batch)
-            gen = wallet_sync.signed_records(w, base + 1)
-            try:
-                for seq, payload, payment, receipt in gen:
-                    if seq > upto:
-                        break
-                    records.append((bytes(payload), payment, receipt))
-            finally:
-                gen.close()
+        if upto > base:
+            for _, payload, payment, receipt in wallet_sync.signed_records(w, base + 1, upto):
+                records.append((bytes(payload), payment, receipt))
             head = w.sign(syncwire.sync_head_body(w.device_id, base, w.ledger.hash_at(base), upto,
                                                   w.ledger.hash_at(upto)))
         parts = syncwire.request_parts(ureq, head, records)

@@ -169,17 +169,27 @@ def history(w, limit=None):
     return out
 
 
-def signed_records(w, start=0):
-    # (seq, payload, payment or None, receipt or None) for every ledger record from `start` on (still in the
-    # ledger), oldest first: what an upload carries (docs/protocol.md section 10). The ledger keeps signed objects
-    # only in part: a SENT record's payment is rebuilt from it and the state before it and signed again (RFC 6979
-    # signatures are deterministic: the same bytes), a RESULT record's receipt is rebuilt around the payee's
-    # signature, a RCVD record gives the payer's payment and our receipt, signed again. Records before `start` are
-    # only replayed, never signed. The payload is a view into a reused buffer: copy it to keep it. ValueError if
-    # a rebuilt payment is not the one recorded.
+def signed_records(w, start=0, end=None):
+    # (seq, payload, payment or None, receipt or None) for every ledger record from `start` to `end` (still in
+    # the ledger; end None: to the head), oldest first: what an upload carries (docs/protocol.md section 10). The
+    # ledger keeps signed objects only in part: a SENT record's payment is rebuilt from it and the state before it
+    # and signed again (RFC 6979 signatures are deterministic: the same bytes), a RESULT record's receipt is
+    # rebuilt around the payee's signature, a RCVD record gives the payer's payment and our receipt, signed again.
+    # Records before `start` are only replayed, never signed. The payload is a view into a reused buffer: copy it
+    # to keep it. ValueError if a rebuilt payment is not the one recorded.
     r = _Replica(w)
+    records = w.ledger.records(w.ledger.base_seq + 1)
+    try:
+        yield from _signed(w, r, records, start, end)
+    finally:
+        records.close()  # its file closes now, also when the caller stops early
+
+
+def _signed(w, r, records, start, end):
     sent_hash = None  # payment hash of the last SENT, until its RESULT
-    for seq, payload in w.ledger.records(w.ledger.base_seq + 1):
+    for seq, payload in records:
+        if end is not None and seq > end:
+            return
         kind = payload[0]
         payment = receipt = None
         if kind == K_SENT:
