@@ -5,8 +5,8 @@ full signed payment and receipt bytes each payment record stands for, and a devi
 the whole range (base seq and hash, last seq and chain hash). Everything in it is signed end to end, by the
 device, its counterparties or the backend, so the relay that carries it cannot alter it undetected.
 
-The ledger record layouts are the wallet's (firmware/lib/paytoken/wallet.py). The wallet module needs
-MicroPython's crypto core to import, so the layouts are repeated here and a test checks they are the wallet's.
+The ledger record layouts are the wallet's, defined once in paytoken.wire (the wallet module itself needs
+MicroPython's crypto core to import).
 """
 
 from __future__ import annotations
@@ -24,19 +24,15 @@ from paytoken.ledger import ZERO_HASH, Ledger
 FORMAT = "paytoken-sync/1"
 MAX_RECORDS = 2000  # records in one batch
 
-# ---- ledger record kinds and layouts (wallet.py) ----
-K_SENT = 1
-K_RESULT = 2
-K_RCVD = 3
-K_VOUCHER = 4
-K_ACK = 5
-K_STATUS = 6
-SENT_FMT = ">8sI8s32sI32s"  # payee_id, amount, qr_nonce, handshake_hash, time, payment_hash
-RESULT_FMT = ">BII64s"  # receipt status, payee_seq, time, payee signature
-RCVD_FMT = ">8sIHII32s8s32sI64sBI"  # payer_id, amount, currency, counter, offline_spent, prev_hash, nonce, hs,
-# time, payer signature, receipt status, receipt time
-STATUS_SUFFIX = ">BI"  # role, amount (after the backend's signed status)
-SNAP_FMT = ">iI32sIIIIIB"  # a compacted ledger's checkpoint: the wallet's state at its base
+# ---- ledger record kinds and layouts: the wallet's, from their one definition in paytoken.wire ----
+K_SENT, K_RESULT, K_RCVD, K_VOUCHER, K_ACK, K_STATUS = (
+    wire.K_SENT, wire.K_RESULT, wire.K_RCVD, wire.K_VOUCHER, wire.K_ACK, wire.K_STATUS)
+SENT_FMT = wire.LEDGER_SENT  # payee_id, amount, qr_nonce, handshake_hash, time, payment_hash
+RESULT_FMT = wire.LEDGER_RESULT  # receipt status, payee_seq, time, payee signature
+RCVD_FMT = wire.LEDGER_RCVD  # payer_id, amount, currency, counter, offline_spent, prev_hash, nonce, hs, time,
+# payer signature, receipt status, receipt time
+STATUS_SUFFIX = wire.LEDGER_STATUS_SUFFIX  # role, amount (after the backend's signed status)
+SNAP_FMT = wire.LEDGER_SNAPSHOT  # a compacted ledger's checkpoint: the wallet's state at its base
 _SENT_LEN = 1 + struct.calcsize(SENT_FMT)
 _RESULT_LEN = 1 + struct.calcsize(RESULT_FMT)
 _RCVD_LEN = 1 + struct.calcsize(RCVD_FMT)
