@@ -5,8 +5,13 @@ message 1 from a device to POST /v1/sync and the message 2 back, and that a test
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 
@@ -16,7 +21,7 @@ from paytoken_host.backend.config import Config
 from paytoken_host.backend.keys import noise_static
 from paytoken_host.backend.service import ISSUER_SETTING, Backend
 from tests.backend_rig import Clock, Database
-from tests.harness.mp import MicroPythonError
+from tests.harness.mp import MicroPythonError, command, romfs_with
 from tests.protocol_rig import NOW, Rig, World
 
 WHO = {"payer": "pw", "payee": "ew"}  # the rig's wallet names
@@ -43,7 +48,7 @@ class Outcome:
 class SyncRig:
     """Sync clients `sp` (payer) and `se` (payee) beside the rig's wallets, in the same MicroPython process."""
 
-    def __init__(self, rig: Rig, backend: Backend, http: TestClient, batch: int = 8):
+    def __init__(self, rig: Rig, backend: Backend, http: TestClient, batch: int = 4):
         self.rig, self.backend, self.http = rig, backend, http
         kx = noise_static(rig.world.backend)[1]
         rig.mp.exec("from paytoken import sync_client\n"
@@ -53,7 +58,7 @@ class SyncRig:
     def client(self, who: str) -> str:
         return "sp" if who == "payer" else "se"
 
-    def restart(self, who: str, batch: int = 8) -> None:
+    def restart(self, who: str, batch: int = 4) -> None:
         """A new sync session of the device (the status cursor comes back from its flash)."""
         kx = noise_static(self.rig.world.backend)[1]
         self.rig.mp.exec(f"{self.client(who)} = sync_client.SyncClient({WHO[who]}, {kx!r}, {batch})")
@@ -91,8 +96,56 @@ class SyncRig:
                 refused.append(e.msg)
         raise AssertionError(f"{who} still had something to say after {rounds} exchanges")
 
+    def wake(self, who: str, wait: float) -> dict:
+        """What the device's relay gets from the wake-up long-poll (GET /v1/wake) with the device's hint."""
+        token, cursor = self.rig.call(f"{self.client(who)}.wake_hint()")
+        r = self.http.get(f"/v1/wake/{token.hex()}", params={"since": cursor, "wait": wait})
+        assert r.status_code == 200, r.text
+        return r.json()
+
     def statuses(self, who: str) -> list[str]:
         return [s[3] for s in self.rig.call(f"sync_client.statuses({WHO[who]}, 16)")]
 
 
-__all__ = ["NOW", "SyncRig", "make_backend", "http_client", "World", "Rig"]
+
+
+def device_dir(rig: Rig, who: str, path: Path) -> Path:
+    """A copy of one rig device's keys and ledger as tests/harness/sync_side.py reads them (no status cursor)."""
+    dev = rig.payer if who == "payer" else rig.payee
+    path.mkdir(parents=True, exist_ok=True)
+    files = {"issuer.pub": rig.world.issuer.public, "backend.pub": rig.world.backend_pub, "now": str(NOW).encode(),
+             "identity.key": dev.priv, "cert.bin": dev.cert, "backend.kx": noise_static(rig.world.backend)[1]}
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    shutil.copyfile(f"{rig.dir}/{who}.log", path / "wallet.log")
+    return path
+
+
+def run_side(backend: Backend, source: Path, heapsize: str, batch: int = 4, romfs: bool = False) -> dict | None:
+    """One sync of the device in `source` (device_dir) in its own MicroPython process at -X heapsize, from a fresh
+    copy of its ledger, relayed straight to backend.sync; {"exchanges", "applied", "seconds"} or None if the device
+    failed (out of heap). Uploads repeat safely, so runs at several heap sizes see the same exchanges."""
+    with tempfile.TemporaryDirectory(prefix="paytoken-sync-") as tmp:
+        d = Path(tmp) / "dev"
+        shutil.copytree(source, d)
+        argv, env = command(heapsize, module="sync_side", args=(str(d), str(batch)), romfs=romfs,
+                            image=romfs_with(("sync_side",)) if romfs else None)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, env=env)
+        assert proc.stdin and proc.stdout
+        done = None
+        for line in proc.stdout:
+            if line.startswith("M1"):
+                (d / "m2").write_bytes(backend.sync((d / "m1").read_bytes()))
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+            elif line.startswith("DONE"):
+                _, exchanges, applied = line.split()
+                done = {"exchanges": int(exchanges), "applied": int(applied)}
+        proc.stdin.close()
+        proc.wait()
+        if proc.returncode != 0 or done is None:
+            return None
+        done["seconds"] = time.perf_counter() - t0
+        return done

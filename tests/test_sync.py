@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import select
@@ -19,7 +20,13 @@ from paytoken_host.backend.settle import DAY
 from tests.backend_rig import Clock, database_params, make_database
 from tests.harness.mp import MicroPython, MicroPythonError
 from tests.protocol_rig import NOW, Rig, World
-from tests.sync_rig import SyncRig, http_client, make_backend
+from tests.sync_rig import SyncRig, device_dir, http_client, make_backend, run_side
+
+# The sync client's heap on the unix port (64-bit), eight payments to upload four records a message, with the code
+# loaded from .mpy files / run in place from the ROMFS image (what a device does): measured payee 145-150 KB /
+# 102-107 KB, payer 131-134 KB / 86-88 KB (make bench prints the smallest sizes). The P-256 signatures, the wallet's
+# replay and the message sealed in RAM (about four copies of it) are most of it.
+HEAP_SYNC = {False: "168K", True: "120K"}
 
 
 @pytest.fixture(scope="module")
@@ -245,5 +252,57 @@ def test_refusals_are_clear(world_rig, proc):
     n.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, noise_static(world.backend)[1])
     n.start_handshake()
     m2 = s.post(bytes(n.write_message(bytes((syncwire.T_REQUEST, 1, 7)) + os.urandom(20))))
-    up, _, ust, _, _, error, updates = syncwire.decode_answer(bytes(n.read_message(m2)))
+    up, _, ust, _, _, error, updates, _ = syncwire.decode_answer(bytes(n.read_message(m2)))
     assert (up, ust, updates) == (400, 400, []) and error == "malformed request: sync request: bad flags"
+
+
+def test_a_device_whose_acknowledgement_was_lost_catches_up(world_rig):
+    _, _, backend, rig, s = world_rig
+    for amount in (100, 200, 300):
+        rig.pay(amount)
+    # The backend stores the payer's records, the relay loses the answer.
+    s.restart("payer", batch=8)
+    with pytest.raises(AssertionError, match="still had something to say"):
+        s.sync("payer", tamper=lambda _m1, _m2: None, rounds=1)
+    assert backend.devices()[0]["synced_seq"] == 7 and rig.call("pw.acked_seq") == 0
+    # The next sync starts with a smaller batch, inside what the backend holds: the upload is refused as stale, but
+    # the answer's acknowledgement moves the device on, and nothing is refused for good.
+    s.restart("payer", batch=2)
+    out = s.sync("payer")
+    assert out.refused == [] and rig.call("[sp.finished, sp.error, pw.acked_seq]") == [True, None, 7]
+    assert s.statuses("payer") == ["settled"] * 3 and [p["amount"] for p in settlements(backend)] == [100, 200, 300]
+
+
+def test_the_sync_client_fits_its_heap_budget(world_rig, tmp_path):
+    _, _, backend, rig, _ = world_rig
+    for amount in range(100, 900, 100):
+        rig.pay(amount)
+    for who in ("payee", "payer"):  # the payee's records are the larger: it carries payments and receipts
+        d = device_dir(rig, who, tmp_path / who)
+        for romfs, heap in HEAP_SYNC.items():
+            done = run_side(backend, d, heap, romfs=romfs)
+            assert done is not None, f"{who} did not sync in {heap} (romfs={romfs})"
+            assert done["applied"] >= 9  # an acknowledgement and the eight statuses at least
+
+
+def test_a_waiting_relay_is_woken_when_the_other_device_settles_its_payment(world_rig):
+    _, _, backend, rig, s = world_rig
+    unconfirmed_payment(rig, 2_500)
+    s.sync("payer")
+    assert s.statuses("payer") == ["unconfirmed"]
+    assert s.wake("payer", wait=0) == {"wake": False, "cursor": rig.call("sp.cursor")}  # nothing new yet
+    # The payer's relay stays and waits; the payee comes online and uploads the payment with its receipt.
+    with ThreadPoolExecutor(1) as pool:
+        woken = pool.submit(s.wake, "payer", 30)
+        s.sync("payee")
+        assert woken.result(timeout=60)["wake"] is True
+    s.restart("payer")  # the woken relay runs a sealed exchange at once
+    s.sync("payer")
+    assert s.statuses("payer") == s.statuses("payee") == ["settled"]
+    assert s.wake("payer", wait=0)["wake"] is False
+    # Only the backend makes tokens: another string, or a token with a changed bit, names no device.
+    token, _ = rig.call("sp.wake_hint()")
+    for bad in (os.urandom(16), flip(token, 3)):
+        r = s.http.get(f"/v1/wake/{bad.hex()}")
+        assert r.status_code == 404 and r.json() == {"error": "not a wake token of this backend"}
+    assert token != rig.call("se.wake_hint()")[0]  # one token per device

@@ -22,7 +22,8 @@ from paytoken import noise, syncwire, wallet_sync
 from paytoken.reasons import Refused
 from paytoken.wallet import DONE, K_RCVD, K_RESULT, K_SENT, K_VOUCHER, RECEIVED, SENT
 
-BATCH = const(8)  # records per exchange: about 4 KB of message 1 at most, built twice over in RAM
+BATCH = const(4)  # records per exchange: at most about 2 KB of message 1, which RAM holds about four times over
+# while it is sealed (tests/test_sync.py measures the heap; docs/protocol.md section 10)
 ROUNDS = const(32)  # exchanges one sync_over runs at most
 KEEP = const(8)  # payments compaction leaves in the ledger, for the screen's recent statuses
 _UPLOADED = (K_SENT, K_RESULT, K_RCVD, K_VOUCHER)  # records the backend needs (acks and statuses are its own)
@@ -57,6 +58,15 @@ class SyncClient:
         self.error = None  # the backend's reason, once it refused
         self.exchanges = 0  # answers taken
         self.applied = 0  # updates that changed the wallet
+        self.wake = None  # the backend's wake token for this device, once it answered an updates request
+
+    def wake_hint(self):
+        # (wake token, status cursor) for a relay that stays connected and waits on GET /v1/wake/{token}?since=
+        # for this device's next news (the other device's upload settled its payment), or None before an answer.
+        # The relay learns a token that names this device to the backend and nothing else.
+        if self.wake is None or self.wake == bytes(16):
+            return None
+        return self.wake, self.cursor
 
     def pending(self):
         # (base, upto): the ledger records base+1..upto that the next upload carries, from the backend's last
@@ -102,9 +112,9 @@ class SyncClient:
                 records.append((bytes(payload), payment, receipt))
             head = w.sign(syncwire.sync_head_body(w.device_id, base, w.ledger.hash_at(base), upto,
                                                   w.ledger.hash_at(upto)))
-        parts = syncwire.request_parts(ureq, head, records)
-        records = None
-        msg = hs.write_message(b"".join(parts))
+        plain = b"".join(syncwire.request_parts(ureq, head, records))
+        records = None  # the parts go before the message is encrypted: RAM holds the plaintext and its sealing
+        msg = hs.write_message(plain)
         self._hs = hs
         return msg
 
@@ -116,14 +126,12 @@ class SyncClient:
             raise SyncError("no request is waiting for an answer")
         self._hs = None  # one try: a damaged or replayed answer costs this exchange, nothing else
         try:
-            up, _, ust, cursor, more, error, updates = syncwire.decode_answer(hs.read_message(msg))
+            up, _, ust, cursor, more, error, updates, wake = syncwire.decode_answer(hs.read_message(msg))
         except ValueError as e:  # NoiseError, WireError: not the backend's answer to this request
             raise SyncError("answer refused: %s" % e)
         self.exchanges += 1
-        if ust not in (0, _OK) or up not in (0, _OK):
-            self.finished = True
-            self.error = "backend refused (%d): %s" % (up if up not in (0, _OK) else ust, error)
-            raise SyncError(self.error, True)
+        if ust not in (0, _OK):
+            self._refused(ust, error)
         w = self.wallet
         acked = w.acked_seq
         applied = 0
@@ -140,9 +148,20 @@ class SyncClient:
             _write_cursor(self._path, cursor)
             self.cursor = cursor
         self._asked_updates = more
+        self.wake = wake
         if w.acked_seq != acked:
             w.compact(KEEP)
+        elif up not in (0, _OK):
+            # Refused, and no newer acknowledgement to start from (a 409 stale or gap comes with one: the backend
+            # holds more than the device knew, and the next request starts there): the same records would be refused
+            # again.
+            self._refused(up, error)
         return applied
+
+    def _refused(self, status, error):
+        self.finished = True
+        self.error = "backend refused (%d): %s" % (status, error)
+        raise SyncError(self.error, True)
 
     def sync_over(self, post, rounds=ROUNDS):
         # Runs exchanges until the device has nothing more to say: post(msg1) -> msg2 is the transport (HTTP

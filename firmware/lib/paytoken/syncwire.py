@@ -44,8 +44,10 @@ A_RECEIPT = const(2)  # record flag: the receipt follows
 MAX_RECORDS = const(64)  # records in one request (a device sends fewer: its RAM holds the whole message)
 MAX_PAYLOAD = const(512)  # a ledger record's payload (ledger.MAX_PAYLOAD)
 MAX_UPDATES = const(255)  # updates in one answer
-_ANSWER = ">BBHIHIBB"  # type, version, upload status, synced_seq, updates status, cursor, more, error length
-_ANSWER_LEN = const(16)
+_ANSWER = ">BBHIHI16sBB"  # type, version, upload status, synced_seq, updates status, cursor, wake token, more,
+# error length
+_ANSWER_LEN = const(32)
+WAKE_LEN = const(16)
 
 
 def _header(data, kind, version, name):
@@ -166,12 +168,15 @@ def decode_request(data):
 
 # ---- answer: type, version, upload status u16 (0: no upload asked; else as HTTP: 200 accepted, 409 with a
 # fork, 4xx refused), synced_seq u32, updates status u16 (0: none asked; 200, or 4xx refused), cursor u32,
-# more u8, error length u8, error (UTF-8), update count u8, then each update: length u16, backend-signed bytes
-def answer(upload_status, synced_seq, updates_status, cursor, more, error, updates):
+# wake token 16 (for GET /v1/wake; zeros when no updates were asked), more u8, error length u8, error (ASCII),
+# update count u8, then each update: length u16, backend-signed bytes
+def answer(upload_status, synced_seq, updates_status, cursor, more, error, updates, wake=bytes(16)):
     err = error.encode("ascii", "replace")[:255]  # host side; ASCII: a cut never splits a character
     if len(updates) > MAX_UPDATES:
         raise WireError("sync answer: too many updates")
-    parts = [struct.pack(_ANSWER, T_ANSWER, _VERSION, upload_status, synced_seq, updates_status, cursor,
+    if len(wake) != WAKE_LEN:
+        raise WireError("sync answer: wake token length")
+    parts = [struct.pack(_ANSWER, T_ANSWER, _VERSION, upload_status, synced_seq, updates_status, cursor, wake,
                          1 if more else 0, len(err)), err, bytes((len(updates),))]
     for u in updates:
         parts.append(struct.pack(">H", len(u)))
@@ -180,13 +185,14 @@ def answer(upload_status, synced_seq, updates_status, cursor, more, error, updat
 
 
 def decode_answer(data):
-    # (upload status, synced_seq, updates status, cursor, more, error text, [update bytes]); WireError if malformed.
+    # (upload status, synced_seq, updates status, cursor, more, error text, [update bytes], wake token); WireError
+    # if malformed.
     mv = memoryview(data)
     n = len(mv)
     if n < _ANSWER_LEN + 1:
         raise WireError("sync answer: too short")
     _header(mv, T_ANSWER, _VERSION, "sync answer")
-    _, _, up, synced, ust, cursor, more, elen = struct.unpack_from(_ANSWER, mv, 0)
+    _, _, up, synced, ust, cursor, wake, more, elen = struct.unpack_from(_ANSWER, mv, 0)
     off = _ANSWER_LEN + elen
     if off >= n:
         raise WireError("sync answer: truncated")
@@ -205,4 +211,4 @@ def decode_answer(data):
         off += ln
     if off != n:
         raise WireError("sync answer: trailing bytes")
-    return up, synced, ust, cursor, bool(more), error, updates
+    return up, synced, ust, cursor, bool(more), error, updates, wake

@@ -4,6 +4,7 @@ Every refusal is a JSON body {"error": reason} with a 4xx status."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -24,6 +25,8 @@ from paytoken_host.backend.service import Backend
 from paytoken_host.backend.verify import Reject
 
 SEALED = "application/octet-stream"
+WAKE_MAX = 60.0  # seconds a wake-up long-poll may be held
+WAKE_POLL = 0.25  # seconds between looks at the database while one is held (every worker sees every upload)
 
 
 class RegisterIn(BaseModel):
@@ -161,6 +164,23 @@ def create_app(backend: Backend | None = None, config: Config | None = None) -> 
         handshake to this backend's key; every other outcome is inside message 2."""
         body = await bounded_body(request, sealed.MAX_MESSAGE, "sync message")
         return Response(await run_in_threadpool(be.sync, body), media_type=SEALED)
+
+    @uploads.get("/wake/{token}")
+    async def wake(token: str, since: int = Query(default=0, ge=0, lt=2**32),
+                   wait: float = Query(default=25, ge=0, le=WAKE_MAX)) -> dict:
+        """Long-poll for a relay that stays with a device: held until the device has news after status cursor
+        `since` or `wait` seconds pass. {"wake": true, "cursor": n} means: run a sealed exchange now. The token is
+        the one the device's last sealed answer gave it (docs/protocol.md section 10, "Wake-up")."""
+        device_id = sealed.wake_device(be, _hex_id(token, 16, "wake token"))
+        deadline = time.monotonic() + wait
+        while True:
+            cursor = await run_in_threadpool(be.news_since, device_id, since)
+            if cursor is not None:
+                return {"wake": True, "cursor": cursor}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"wake": False, "cursor": since}
+            await asyncio.sleep(min(WAKE_POLL, left))
 
     ops = APIRouter(prefix="/v1", tags=["operators"])
 

@@ -7,6 +7,9 @@ message 1 that does not decrypt (there is no session to seal an answer in).
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from noise.connection import Keypair, NoiseConnection
 
 from paytoken import syncwire, wire
@@ -62,6 +65,7 @@ def answer(be, plain: bytes, ephemeral: bytes) -> bytes:
                 error = "; ".join(result.get("forks", ()))  # stored, and a fork found: the device is told why
     ust = cursor = 0
     more = False
+    wake = bytes(syncwire.WAKE_LEN)
     updates: list[bytes] = []
     if ureq is not None:
         try:
@@ -70,8 +74,39 @@ def answer(be, plain: bytes, ephemeral: bytes) -> bytes:
             with db.read_tx(be.engine) as conn:
                 updates, cursor, more = be.device_updates(conn, req.device_id, req.since, now, STATUSES, VOUCHERS)
             ust = 200
+            wake = wake_token(be, req.device_id)
         except Reject as r:
             ust, error = r.status, error or r.reason
     else:
         updates = ack  # an upload alone: its acknowledgement
-    return syncwire.answer(up, synced, ust, cursor, more, error, updates)
+    return syncwire.answer(up, synced, ust, cursor, more, error, updates, wake)
+
+
+# ---- wake-up tokens (GET /v1/wake/{token}) ----
+# A device's token is its id and 8 zero bytes, one AES block under a key derived from the backend's X25519 key: only
+# the backend can make one or read the device id in it, one device's is unlinkable to another's, and a random string
+# is not a token (its last 8 bytes would have to decrypt to zeros).
+WAKE_INFO = b"paytoken backend wake token v1"
+
+
+def _wake_cipher(be) -> Cipher:
+    key = getattr(be, "_wake_key", None)
+    if key is None:
+        key = be._wake_key = HKDF(hashes.SHA256(), 16, salt=None, info=WAKE_INFO).derive(be.noise_priv)
+    return Cipher(algorithms.AES(key), modes.ECB())
+
+
+def wake_token(be, device_id: bytes) -> bytes:
+    enc = _wake_cipher(be).encryptor()
+    return enc.update(device_id + bytes(8)) + enc.finalize()
+
+
+def wake_device(be, token: bytes) -> bytes:
+    """The device id in a wake token; Reject 404 for anything else."""
+    if len(token) != syncwire.WAKE_LEN or not be.noise_priv:
+        raise Reject(404, "not a wake token of this backend")
+    dec = _wake_cipher(be).decryptor()
+    plain = dec.update(token) + dec.finalize()
+    if plain[8:] != bytes(8):
+        raise Reject(404, "not a wake token of this backend")
+    return plain[:8]

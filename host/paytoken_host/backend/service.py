@@ -216,6 +216,17 @@ class Backend:
             out.append(protocol.sign(self.key, wire.status_body(device_id, txid, st, now)))
         return out, cursor, more
 
+    def news_since(self, device_id: bytes, since: int) -> int | None:
+        """The device's status cursor if it has news after cursor `since` (a status set, or a voucher it has not yet
+        shown in an upload), else None."""
+        D = db.devices
+        with db.read_tx(self.engine) as conn:
+            row = conn.execute(select(D.c.update_seq, D.c.vouchers_issued, D.c.vouchers_seen)
+                               .where(D.c.device_id == device_id)).first()
+        if row is None or (row.update_seq <= since and row.vouchers_issued <= row.vouchers_seen):
+            return None
+        return row.update_seq
+
     def sync(self, msg1: bytes) -> bytes:
         """One sealed sync exchange (docs/protocol.md section 10): message 1 in, message 2 out."""
         from paytoken_host.backend import sealed
