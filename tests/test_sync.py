@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import select
@@ -17,7 +19,16 @@ from sqlalchemy import select
 from paytoken import syncwire, wire
 from paytoken_host.backend import db
 from paytoken_host.backend.settle import DAY
-from tests.backend_rig import Clock, database_params, make_database
+from tests.backend_rig import (
+    Clock,
+    Database,
+    database_params,
+    free_port,
+    init_cli,
+    make_database,
+    start_server,
+    stop_server,
+)
 from tests.harness.mp import MicroPython, MicroPythonError
 from tests.protocol_rig import NOW, Rig, World
 from tests.sync_rig import SyncRig, device_dir, http_client, make_backend, run_side
@@ -264,7 +275,8 @@ def test_a_device_whose_acknowledgement_was_lost_catches_up(world_rig):
     s.restart("payer", batch=8)
     with pytest.raises(AssertionError, match="still had something to say"):
         s.sync("payer", tamper=lambda _m1, _m2: None, rounds=1)
-    assert backend.devices()[0]["synced_seq"] == 7 and rig.call("pw.acked_seq") == 0
+    synced = {d["device_id"]: d["synced_seq"] for d in backend.devices()}
+    assert synced[rig.payer.device_id.hex()] == 7 and rig.call("pw.acked_seq") == 0
     # The next sync starts with a smaller batch, inside what the backend holds: the upload is refused as stale, but
     # the answer's acknowledgement moves the device on, and nothing is refused for good.
     s.restart("payer", batch=2)
@@ -306,3 +318,39 @@ def test_a_waiting_relay_is_woken_when_the_other_device_settles_its_payment(worl
         r = s.http.get(f"/v1/wake/{bad.hex()}")
         assert r.status_code == 404 and r.json() == {"error": "not a wake token of this backend"}
     assert token != rig.call("se.wake_hint()")[0]  # one token per device
+
+
+def test_wifi_the_device_posts_its_exchanges_itself(proc, tmp_path, monkeypatch):
+    # The simulator's online switch gives the device the backend's URL; its own HTTP POSTs over the unix port's
+    # loopback network reach a real `paytoken-backend serve`, and sync_over runs every exchange.
+    with pytest.raises(MicroPythonError, match="offline"):
+        proc.eval("__import__('board').network()")
+    world = World()
+    payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)
+    url = f"sqlite:///{tmp_path}/backend.db"
+    key = init_cli(url, SimpleNamespace(backend_key=world.backend, issuer=world.issuer), tmp_path)
+    backend = make_backend(Database("sqlite", url), world, time.time)
+    backend.register(payer.cert)
+    backend.register(payee.cert)
+    voucher = bytes.fromhex(backend.issue_voucher(payer.device_id, 50_000)["voucher"])
+    port = free_port()
+    server = start_server(url, key, port, workers=1)
+    try:
+        monkeypatch.setenv("PAYTOKEN_SIM_ONLINE", f"http://127.0.0.1:{port}")
+        with MicroPython(heapsize="2M") as mp:
+            rig = Rig(mp, world, payer, payee, balance=0)
+            assert rig.call(f"pw.apply_update({voucher!r})") is True
+            rig.pay(1_200)
+            rig.pay(800)
+            kx = backend.noise_pub
+            mp.exec("import board\nfrom paytoken import sync_client, sync_http\n"
+                    "post = sync_http.poster(board.network())\n")
+            for w in ("ew", "pw"):  # the payee first: it settles both, the payer then learns it
+                assert mp.eval(f"sync_client.SyncClient({w}, {kx!r}).sync_over(post)") is True
+                assert [st[3] for st in mp.eval(f"sync_client.statuses({w})")] == ["settled", "settled"]
+            # A device holding another backend's sync key: its message 1 opens nowhere, and it is told so.
+            with pytest.raises(MicroPythonError, match="backend refused message 1 \\(400\\)"):
+                mp.eval(f"sync_client.SyncClient(pw, {os.urandom(32)!r}).sync_over(post)")
+    finally:
+        stop_server(server)
+    assert backend.balances()["accounts"]["merchant:" + payee.device_id.hex()] == 2_000
