@@ -9,6 +9,28 @@ def rd(d, name):
         return f.read()
 
 
+def online(w, kx, batch, url, syncs):
+    # Each sync a new client (a new session of the device), the next one when a line arrives on stdin; after each:
+    # SYNCED done uploaded exchanges ms wake-token-hex cursor statuses
+    import time
+    from binascii import hexlify
+
+    from paytoken import sync_http
+    from paytoken.sync_client import SyncClient, statuses
+
+    post = sync_http.poster(url)
+    for i in range(syncs):
+        if i:
+            sys.stdin.readline()
+        c = SyncClient(w, kx, batch)
+        t0 = time.ticks_ms()
+        done = c.sync_over(post)
+        ms = time.ticks_diff(time.ticks_ms(), t0)
+        hint = c.wake_hint() or (b"", 0)
+        print("SYNCED", done, c.uploaded, c.exchanges, ms, hexlify(hint[0]).decode() or "-", hint[1],
+              ",".join(s[3] for s in statuses(w, 16)))
+
+
 def main():
     d = sys.argv[1]
     batch = int(sys.argv[2])
@@ -19,7 +41,11 @@ def main():
     w = Wallet(d + "/wallet.log", rd(d, "identity.key"), rd(d, "cert.bin"), t)
     from paytoken.sync_client import SyncClient
 
-    c = SyncClient(w, rd(d, "backend.kx"), batch)
+    kx = rd(d, "backend.kx")
+    if len(sys.argv) > 3:  # online: the device POSTs itself to the backend at argv[3], argv[4] syncs
+        online(w, kx, batch, sys.argv[3], int(sys.argv[4]))
+        return
+    c = SyncClient(w, kx, batch)
     while True:
         m = c.request()
         if m is None:

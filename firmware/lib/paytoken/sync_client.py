@@ -58,6 +58,8 @@ class SyncClient:
         self.error = None  # the backend's reason, once it refused
         self.exchanges = 0  # answers taken
         self.applied = 0  # updates that changed the wallet
+        self.uploaded = 0  # records the backend took in this client's exchanges (new or already held)
+        self._n = 0  # records in the request waiting for its answer
         self.wake = None  # the backend's wake token for this device, once it answered an updates request
 
     def wake_hint(self):
@@ -116,6 +118,7 @@ class SyncClient:
         records = None  # the parts go before the message is encrypted: RAM holds the plaintext and its sealing
         msg = hs.write_message(plain)
         self._hs = hs
+        self._n = upto - base
         return msg
 
     def answer(self, msg):
@@ -132,6 +135,8 @@ class SyncClient:
         self.exchanges += 1
         if ust not in (0, _OK):
             self._refused(ust, error)
+        if up == _OK:
+            self.uploaded += self._n
         w = self.wallet
         acked = w.acked_seq
         applied = 0
