@@ -10,15 +10,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 
-from paytoken import wire
-from tests.backend_rig import Database, free_port, init_cli, start_server, stop_server
+from tests.backend_rig import Database, free_port, start_server, stop_server
 from tests.harness.mp import MicroPython, command, smallest_kb
 from tests.protocol_rig import Rig, World
-from tests.sync_rig import device_dir, make_backend, run_side
+from tests.sync_rig import device_dir, make_backend, run_side, served, unconfirmed_payment
 
 PAYMENTS = 24
 
@@ -56,25 +54,16 @@ def run_sync(rows: list[dict]) -> None:
     print("-" * 80)
     with tempfile.TemporaryDirectory(prefix="paytoken-bench-sync-") as tmp_s:
         tmp = Path(tmp_s)
-        world = World()
-        payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)
-        url = f"sqlite:///{tmp}/backend.db"
-        key = init_cli(url, SimpleNamespace(backend_key=world.backend, issuer=world.issuer), tmp)
-        backend = make_backend(Database("sqlite", url), world, time.time)
-        backend.register(payer.cert)
-        backend.register(payee.cert)
-        voucher = bytes.fromhex(backend.issue_voucher(payer.device_id, 500_000)["voucher"])
-        backend.engine.dispose()
+        sv = served(tmp, 500_000)
+        world, url, key = sv.world, sv.url, sv.key
+        sv.backend.engine.dispose()
         shutil.copyfile(tmp / "backend.db", tmp / "fresh.db")  # before any sync: each heap run starts from it
         with MicroPython(heapsize="2M") as mp:
-            rig = Rig(mp, world, payer, payee, balance=0)
-            assert rig.call(f"pw.apply_update({voucher!r})") is True
+            rig = Rig(mp, world, sv.payer, sv.payee, balance=0)
+            assert rig.call(f"pw.apply_update({sv.voucher!r})") is True
             for i in range(PAYMENTS - 1):
                 rig.pay(1_000 + i)
-            # The last payment's receipt never reaches the payer: only the payee's upload settles it.
-            rig.open(rig.qr())
-            rig.call(f"ps.read_hello(es.read_hello({rig.call('ps.start()')!r})) and None")
-            rig.call(f"es.read_payment({rig.call('ps.confirm(5_000)')!r}) and None")
+            unconfirmed_payment(rig, 5_000)  # its receipt never reaches the payer: the payee's upload settles it
             dirs = {who: device_dir(rig, who, tmp / who) for who in ("payer", "payee")}
         port = free_port()
         server = start_server(url, key, port, workers=1)

@@ -12,17 +12,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from fastapi.testclient import TestClient
 
+from paytoken import wire
 from paytoken_host.backend import db, migrate
 from paytoken_host.backend.api import create_app
 from paytoken_host.backend.config import Config
 from paytoken_host.backend.keys import noise_static
 from paytoken_host.backend.service import ISSUER_SETTING, Backend
-from tests.backend_rig import Clock, Database
+from tests.backend_rig import Clock, Database, init_cli
 from tests.harness.mp import MicroPythonError, command, romfs_with
 from tests.protocol_rig import NOW, Rig, World
+from tests.protocol_rig import Device as PDevice
 
 WHO = {"payer": "pw", "payee": "ew"}  # the rig's wallet names
 
@@ -33,6 +36,41 @@ def make_backend(database: Database, world: World, clock: Clock) -> Backend:
     with db.write_tx(engine) as conn:
         db.set_setting(conn, ISSUER_SETTING, world.issuer.public.hex())
     return Backend(engine, world.backend, clock=clock)
+
+
+@dataclass
+class Served:
+    """A payer and a payee registered with a backend on SQLite whose key file and database a `paytoken-backend
+    serve` can run on (the operator's CLI made them); the payer's first voucher issued."""
+
+    world: World
+    payer: PDevice
+    payee: PDevice
+    url: str
+    key: str
+    backend: Backend
+    voucher: bytes
+
+
+def served(tmp: Path, load: int) -> Served:
+    world = World()
+    payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)
+    url = f"sqlite:///{tmp}/backend.db"
+    key = init_cli(url, SimpleNamespace(backend_key=world.backend, issuer=world.issuer), tmp)
+    backend = make_backend(Database("sqlite", url), world, time.time)
+    backend.register(payer.cert)
+    backend.register(payee.cert)
+    voucher = bytes.fromhex(backend.issue_voucher(payer.device_id, load)["voucher"])
+    return Served(world, payer, payee, url, key, backend, voucher)
+
+
+def unconfirmed_payment(rig: Rig, amount: int) -> bytes:
+    """A payment the payee credited whose receipt never reached the payer (sent-unconfirmed); its txid."""
+    rig.open(rig.qr())
+    rig.call(f"ps.read_hello(es.read_hello({rig.call('ps.start()')!r})) and None")
+    m3 = rig.call(f"ps.confirm({amount})")
+    rig.call(f"es.read_payment({m3!r}) and None")
+    return wire.txid(rig.payer.device_id, rig.call("pw.counter"))
 
 
 def http_client(backend: Backend) -> TestClient:

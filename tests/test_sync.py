@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import select
@@ -21,17 +19,15 @@ from paytoken_host.backend import db
 from paytoken_host.backend.settle import DAY
 from tests.backend_rig import (
     Clock,
-    Database,
     database_params,
     free_port,
-    init_cli,
     make_database,
     start_server,
     stop_server,
 )
 from tests.harness.mp import MicroPython, MicroPythonError
 from tests.protocol_rig import NOW, Rig, World
-from tests.sync_rig import SyncRig, device_dir, http_client, make_backend, run_side
+from tests.sync_rig import SyncRig, device_dir, http_client, make_backend, run_side, served, unconfirmed_payment
 
 # The sync client's heap on the unix port (64-bit), eight payments to upload four records a message, with the code
 # loaded from .mpy files / run in place from the ROMFS image (what a device does): measured payee 145-150 KB /
@@ -69,15 +65,6 @@ def world_rig(proc, database):
     with http_client(backend) as http:
         yield world, clock, backend, rig, SyncRig(rig, backend, http)
     backend.engine.dispose()
-
-
-def unconfirmed_payment(rig: Rig, amount: int) -> bytes:
-    """A payment the payee credited whose receipt never reached the payer (sent-unconfirmed); its txid."""
-    rig.open(rig.qr())
-    rig.call(f"ps.read_hello(es.read_hello({rig.call('ps.start()')!r})) and None")
-    m3 = rig.call(f"ps.confirm({amount})")
-    rig.call(f"es.read_payment({m3!r}) and None")
-    return wire.txid(rig.payer.device_id, rig.call("pw.counter"))
 
 
 def settlements(backend) -> list[dict]:
@@ -325,16 +312,10 @@ def test_wifi_the_device_posts_its_exchanges_itself(proc, tmp_path, monkeypatch)
     # loopback network reach a real `paytoken-backend serve`, and sync_over runs every exchange.
     with pytest.raises(MicroPythonError, match="offline"):
         proc.eval("__import__('board').network()")
-    world = World()
-    payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)
-    url = f"sqlite:///{tmp_path}/backend.db"
-    key = init_cli(url, SimpleNamespace(backend_key=world.backend, issuer=world.issuer), tmp_path)
-    backend = make_backend(Database("sqlite", url), world, time.time)
-    backend.register(payer.cert)
-    backend.register(payee.cert)
-    voucher = bytes.fromhex(backend.issue_voucher(payer.device_id, 50_000)["voucher"])
+    sv = served(tmp_path, 50_000)
+    world, payer, payee, backend, voucher = sv.world, sv.payer, sv.payee, sv.backend, sv.voucher
     port = free_port()
-    server = start_server(url, key, port, workers=1)
+    server = start_server(sv.url, sv.key, port, workers=1)
     try:
         monkeypatch.setenv("PAYTOKEN_SIM_ONLINE", f"http://127.0.0.1:{port}")
         with MicroPython(heapsize="2M") as mp:
