@@ -14,7 +14,7 @@ export MICROPYTHON
 FW_SRC := $(shell find firmware -name '*.py' 2>/dev/null)
 BUILD := build/firmware
 
-.PHONY: all venv firmware lint test test-long bench demo deploy deploy-files clean
+.PHONY: all venv firmware lint test test-long bench demo deploy deploy-files frozen-unix clean
 
 all: test
 
@@ -60,6 +60,17 @@ ifeq ($(MAKECMDGOALS),deploy-files)
 else
 	cd $(BUILD) && $(MPREMOTE) connect $(PORT) romfs deploy romfs.img + fs cp boot.py main.py : + reset
 endif
+
+# A unix port with the firmware frozen in, as a production ESP32 image has it (README, "Frozen builds"), built
+# from a MicroPython source tree with `make submodules` done: the bench's "firmware frozen in" heap rows and
+# tests/test_app_heap.py's frozen budget use it through PAYTOKEN_FROZEN_MICROPYTHON=build/unix-frozen/micropython.
+FROZEN_UNIX_FLAGS ?=
+frozen-unix: firmware
+	@test -n "$(MICROPYTHON_SRC)" || (echo "usage: make frozen-unix MICROPYTHON_SRC=/path/to/micropython" >&2; exit 2)
+	$(MAKE) -C $(MICROPYTHON_SRC)/mpy-cross
+	$(MAKE) -C $(MICROPYTHON_SRC)/ports/unix FROZEN_MANIFEST=$(abspath $(BUILD))/manifest.py \
+		BUILD=$(abspath build/unix-frozen) $(FROZEN_UNIX_FLAGS)
+	@echo "PAYTOKEN_FROZEN_MICROPYTHON=$(abspath build/unix-frozen/micropython)"
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

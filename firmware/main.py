@@ -14,6 +14,7 @@ import board  # noqa: E402  (after the self-test: nothing of the device is touch
 from paytoken.app import start  # noqa: E402
 
 start.forget("paytoken.crypto.selftest")
-# Runs the payer or payee app for ever; returns only when the device cannot pay (unprovisioned, no radio:
-# the screen says why), leaving the REPL to the provisioning service.
+# Runs the payer or payee app for ever; returns only when the device cannot pay (no radio: the screen says
+# why), or from the USB provisioning service of an unprovisioned device (after finalise the board resets and
+# boots into its app; the simulator's process ends here and the harness starts it again).
 start.run(board)

@@ -225,6 +225,19 @@ def pay(payer: Device, payee: Device, amount: int, receipt_to_payer: bool = True
     return wire.decode_payment(payment).txid
 
 
+def paid_and_uploaded(world: World, backend: Backend, load: int, amounts: list[int]) -> tuple[Device, Device]:
+    """A registered payer loaded with `load`, its payments of `amounts` to a registered payee, and the payee's
+    upload: the backend has settled them and queued a topup and a settlement for the bank."""
+    payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)
+    for d in (payer, payee):
+        backend.register(d.cert)
+    payer.apply(bytes.fromhex(backend.issue_voucher(payer.device_id, load)["voucher"]))
+    for amount in amounts:
+        pay(payer, payee, amount)
+    backend.upload(payee.batch().encode())
+    return payer, payee
+
+
 def new_backend(database: Database, world: World, clock: Clock | None = None, **kw) -> Backend:
     engine = db.make_engine(database.url)
     migrate.upgrade(engine)

@@ -9,6 +9,8 @@ image, as `make deploy` puts it on an ESP32's romfs partition: there only the wo
 All heap figures are for the 64-bit unix port (8-byte pointers, 32-byte GC blocks); the same objects are
 smaller on the 32-bit ESP32 (4-byte pointers, 16-byte blocks).
 The host column is the `cryptography` package on CPython for the same operation.
+The provisioning table times the USB provisioning station (host/provision.py) against a simulated device over its
+pseudo-terminal at 115200 baud, without flashing, and counts the serial bytes.
 Then the sealed sync (tests/bench_sync.py): records per second from a simulated device straight to the backend over
 loopback HTTP, the time until the other device shows the status when both are online, and the sync client's heap.
 The last table is the settlement backend's (tests/bench_backend.py): settled payments per second through its HTTP
@@ -348,30 +350,39 @@ def romfs_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
     return command(heap, source="import boot\nimport main", romfs=True)
 
 
+def frozen_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
+    """main.py on a unix port with the firmware frozen in (`make frozen-unix`), as a production ESP32 image."""
+    return [os.environ["PAYTOKEN_FROZEN_MICROPYTHON"], "-X", f"heapsize={heap}", "main.py"], dict(
+        os.environ, MICROPYPATH=".frozen")
+
+
 def run_ble(rows: list[dict]) -> None:
     """The seed's payment between two devices over the virtual BLE radio (host/paytoken_host/demo.py): each
     device is main.py in its own MicroPython process with display, scanner, buttons, flash image and radio."""
-    from paytoken_host.demo import DemoError, pay
+    from paytoken_host.demo import DemoError, Launcher, files_launcher, pay
 
     print("\n== Offline payment over BLE (two simulated ESP32s, 30 ms connection interval)")
     print(f"{'measure':52} {'payer':>9} {'payee':>9} {'target':>9}")
     print("-" * 82)
     firmware = FIRMWARE_BUILD
 
-    def once(work: Path, heaps: dict[str, str] | None = None, romfs: bool = False):
+    def once(work: Path):
         try:
-            return pay(work, firmware, heaps=heaps, launch=romfs_launcher if romfs else files_launcher,
-                       screens=heaps is None)
+            return pay(work, firmware, launch=files_launcher)
         except DemoError:
             return None
 
-    def min_heap(work: Path, role: str, romfs: bool, lo: int = 32, hi: int = 512) -> int | None:
+    def min_heap(work: Path, role: str, launch: Launcher, lo: int = 32, hi: int = 512) -> int | None:
         def fits(kb: int) -> bool:
-            return once(work, {"payer": "1M", "payee": "1M", role: f"{kb}K"}, romfs) is not None
+            try:
+                pay(work, firmware, heaps={"payer": "1M", "payee": "1M", role: f"{kb}K"}, launch=launch,
+                    screens=False)
+                return True
+            except DemoError:
+                return False
 
         return smallest_kb(fits, lo, hi)
 
-    from paytoken_host.demo import files_launcher
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "run"
@@ -382,7 +393,9 @@ def run_ble(rows: list[dict]) -> None:
         seconds = statistics.median(r.seconds for r in runs)
         cpu = {role: statistics.median(r.cpu[role] for r in runs) * 1000 for role in ("payer", "payee")}
         air = runs[0].air
-        heap = {role: {"rom": min_heap(work, role, True), "mpy": min_heap(work, role, False)}
+        frozen = os.environ.get("PAYTOKEN_FROZEN_MICROPYTHON")
+        heap = {role: {"rom": min_heap(work, role, romfs_launcher), "mpy": min_heap(work, role, files_launcher),
+                       "frozen": min_heap(work, role, frozen_launcher) if frozen else "-"}
                 for role in ("payer", "payee")}
     table = [
         ("QR scanned -> both records stored (s, median of 3)", round(seconds, 2), "", None),
@@ -391,6 +404,61 @@ def run_ble(rows: list[dict]) -> None:
         ("ATT PDUs over the air, both ways", air["pdus"], "", None),
         ("heap: main.py, code in place from ROMFS (KB)", heap["payer"]["rom"], heap["payee"]["rom"], "<= 96"),
         ("heap: main.py, code from .mpy files (KB)", heap["payer"]["mpy"], heap["payee"]["mpy"], None),
+        ("heap: main.py, firmware frozen in (KB) [1]", heap["payer"]["frozen"], heap["payee"]["frozen"], "<= 96"),
+    ]
+    for name, a, b, target in table:
+        print(f"{name:52} {a!s:>9} {b!s:>9} {target or '':>9}", flush=True)
+        rows.append({"measure": name, "payer": a, "payee": b, "target": target})
+    print("[1] a unix port with the firmware frozen in, as a production ESP32 image: "
+          + ("PAYTOKEN_FROZEN_MICROPYTHON" if frozen else "not measured: set PAYTOKEN_FROZEN_MICROPYTHON")
+          + " (make frozen-unix MICROPYTHON_SRC=...)")
+
+
+def run_provisioning(rows: list[dict]) -> None:
+    """USB provisioning of one simulated device (paytoken_host.simstation): the station's steps from IDENTIFY to
+    FINALISE over the pty at 115200 baud, and host/provision.py as an operator runs it (its start-up included)."""
+    from paytoken import wire
+    from paytoken_host import simdevice, station
+    from paytoken_host.simstation import SimBoard, SimStation
+
+    print("\n== USB provisioning (simulated device, pty at 115200 baud, no flashing)")
+    print(f"{'measure':52} {'payer':>9} {'payee':>9} {'target':>9}")
+    print("-" * 82)
+    auth = simdevice.Authority()
+    st = station.Station(auth.issuer.key, None, {"backend": auth.backend_pub, "backend_kx": auth.backend_kx})
+    secs: dict[str, list[float]] = {"payer": [], "payee": []}
+    sent: dict[str, int] = {}
+    received: dict[str, int] = {}
+    cli: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ss = SimStation(work / "station", FIRMWARE_BUILD, auth=auth)
+        for role, code in (("payer", wire.ROLE_PAYER), ("payee", wire.ROLE_PAYEE)):
+            for i in range(3):
+                device_id = os.urandom(wire.ID_LEN)
+                voucher = auth.voucher(device_id, 1, 100_000) if code == wire.ROLE_PAYER else None
+                with SimBoard(work / f"{role}{i}.img", FIRMWARE_BUILD) as board:
+                    board.power_on()
+                    with station.SerialLink(board.port) as link:
+                        res = st.provision(link, station.Spec(code, device_id=device_id, voucher=voucher))
+                    board.wait_exit()
+                secs[role].append(res.seconds)
+                sent[role], received[role] = res.bytes_sent, res.bytes_received
+            with SimBoard(work / f"{role}-cli.img", FIRMWARE_BUILD) as board:
+                board.power_on()
+                args = ["--role", role] + (["--balance", "100000"] if role == "payer" else [])
+                t0 = time.monotonic()
+                proc = ss.run(board, args)
+                cli[role] = time.monotonic() - t0
+                if proc.returncode != 0:
+                    print(f"provision.py failed: {proc.stderr.strip()}")
+                    return
+    table = [
+        ("IDENTIFY -> FINALISE, station library (s, median 3)", round(statistics.median(secs["payer"]), 2),
+         round(statistics.median(secs["payee"]), 2), None),
+        ("host/provision.py end to end, start-up incl. (s)", round(cli["payer"], 2), round(cli["payee"], 2), None),
+        ("serial bytes, station -> device", sent["payer"], sent["payee"], None),
+        ("serial bytes, device -> station", received["payer"], received["payee"], None),
     ]
     for name, a, b, target in table:
         print(f"{name:52} {a!s:>9} {b!s:>9} {target or '':>9}", flush=True)
@@ -403,6 +471,7 @@ def main() -> int:
     run_crypto(rows)
     run_protocol(rows)
     run_ble(rows)
+    run_provisioning(rows)
     run_ledger(rows)
     run_ops("\n== QR code and screens (MicroPython unix port)", ui_ops(), rows)
     from tests.bench_backend import run_backend

@@ -742,6 +742,9 @@ def test_esp32_board_wires_the_drivers_from_board_json(board, tmp_path, firmware
         calls = [tuple(c) for c in proc.eval("fakemachine.CALLS")]
         assert proc.eval("b.names") == [x["name"] for x in info["buttons"]]
         assert proc.eval("type(s).__name__") == "Scanner"
+        # the USB service's needs: the chip, and the first button read at power-on (not held: the app runs)
+        proc.exec("u = bd.usb()")
+        assert proc.eval("[u.chip, u.service_requested()]") == [info["chip"], False]
     sc = info["scanner"]
     assert ("UART", sc["uart"], sc["baud"], sc["tx"], sc["rx"], sc["rxbuf"]) in calls
     for btn in info["buttons"]:

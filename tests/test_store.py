@@ -71,7 +71,7 @@ def test_provision_then_load(mp, auth, tmp_path):
     assert files(tmp_path) == {"backend.pub": auth.backend_pub, "cert.bin": payee.cert,
                                "config.json": json.dumps({"name": "till-1", "amount": 2500}).encode(),
                                "identity.key": payee.priv, "issuer.pub": auth.issuer.public,
-                               "static.key": payee.static[0]}
+                               "static.key": payee.static[0], "final": payee.device_id}
     assert (tmp_path / "ledger").is_dir()
     # a payer: no static key, no config (name and app from the role)
     payer_root = tmp_path / "card"

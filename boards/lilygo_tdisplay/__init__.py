@@ -5,6 +5,8 @@
 #   buttons(callback, settle_ms, long_ms)  -> paytoken.drivers.buttons.Buttons; app calls poll() often
 #   scanner()                              -> paytoken.drivers.scanner.Scanner on machine.UART
 #   storage()                              -> "/": the data root, the firmware's LittleFS (mounted at boot)
+#   usb()                                  -> paytoken.drivers.esp32_usb.Usb: the USB service's needs (serial
+#                                             port, button held at power-on, RNG entropy, reset)
 # Drivers are imported when first asked for, so a build that never scans never loads the scanner code.
 import machine
 
@@ -43,3 +45,9 @@ def scanner():
 
 def storage():
     return board_common.storage()
+
+
+def usb():
+    from paytoken.drivers.esp32_usb import Usb
+
+    return Usb(INFO)

@@ -6,6 +6,7 @@
 #   scanner()                              -> SimScanner: the real Scanner driver on a simulated UART module
 #   storage(image=None, mount="/flash")    -> the data root: a host image file mounted with LittleFS v2
 #   network()                              -> the backend's URL when the simulator is online (Wi-Fi)
+#   usb()                                  -> SimUsb (board.simusb): the USB serial link, None without PAYTOKEN_SIM_USB
 #   flash.FlashDevice                      emulated NOR flash (board.flash)
 # Environment (all optional): PAYTOKEN_SIM_DISPLAY  PBM file written on every show()
 #                             PAYTOKEN_SIM_TERM=1    also draw every frame on stdout
@@ -13,7 +14,9 @@
 #                             PAYTOKEN_SIM_SCANNER   file of QR texts, one a line, shown to the scanner
 #                             PAYTOKEN_SIM_FLASH     the device's flash image (storage()); made on first use
 #                             PAYTOKEN_SIM_ONLINE    the online switch: the backend's URL (http://127.0.0.1:port)
-# The simulated devices live in sim.py, imported on first use.
+#                             PAYTOKEN_SIM_USB       host:port of the USB-UART bridge (paytoken_host.simusb)
+#                             PAYTOKEN_SIM_SERVICE=1 the button held at power-on: USB service when provisioned
+# The simulated devices live in simdisplay.py, siminput.py and simusb.py, imported on first use.
 import os
 import sys
 
@@ -28,7 +31,7 @@ def _env(name):
 
 
 def display(path=None, stream=None, width=None, height=None):
-    from board.sim import SimDisplay
+    from board.simdisplay import SimDisplay
 
     d = INFO.get("display", {})
     if path is None:
@@ -39,7 +42,7 @@ def display(path=None, stream=None, width=None, height=None):
 
 
 def buttons(callback, settle_ms=20, long_ms=800, path=None):
-    from board.sim import SimButtons
+    from board.siminput import SimButtons
 
     if path is None:
         path = _env("PAYTOKEN_SIM_BUTTONS")
@@ -48,7 +51,7 @@ def buttons(callback, settle_ms=20, long_ms=800, path=None):
 
 
 def scanner(path=None):
-    from board.sim import SimScanner, SimUART
+    from board.siminput import SimScanner, SimUART
 
     if path is None:
         path = _env("PAYTOKEN_SIM_SCANNER")
@@ -62,6 +65,14 @@ def network():
     if url is None:
         raise OSError(19, "unix_sim: offline (set PAYTOKEN_SIM_ONLINE to the backend's http://host:port)")
     return url
+
+
+def usb():
+    a = _env("PAYTOKEN_SIM_USB")
+    if a:
+        from board.simusb import SimUsb
+
+        return SimUsb(a, _env("PAYTOKEN_SIM_SERVICE") == "1")
 
 
 _mounted = {}  # mount point -> (image path, block device)

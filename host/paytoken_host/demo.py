@@ -3,9 +3,10 @@ BLE, both store the signed record, with no internet anywhere.
 
 Each device is its own `micropython` process running the firmware's main.py with the unix_sim board: flash
 image, display, buttons and QR scanner simulated, BLE through the virtual radio (paytoken_host.simradio, 30 ms
-connection interval). Between them there is only the radio and what a person does: the QR is read off the
-terminal's screen with zxing-cpp and held in front of the card's scanner, and the card's confirm button is
-pressed when it asks.
+connection interval). Both start blank and are provisioned first by host/provision.py over their USB serial, a
+pseudo-terminal (paytoken_host.simstation; a test issuer, no backend server): their keys are made on the devices.
+Between them there is only the radio and what a person does: the QR is read off the terminal's screen with
+zxing-cpp and held in front of the card's scanner, and the card's confirm button is pressed when it asks.
 
 Writes into --out (default build/demo): payer.img and payee.img (the devices' flash), payee_qr.png (the QR
 screen), and summary.json: `devices` [{id, role, identity_public_key, balance}] and `records` [{payer, payee,
@@ -200,6 +201,15 @@ def export(image: Path, firmware: Path) -> tuple[int, list[tuple[int, bytes, byt
     return balance, payments
 
 
+@dataclass(frozen=True)
+class Provisioned:
+    """A provisioned device as the world may know it: public data only."""
+
+    device_id: bytes
+    role: int
+    identity_pub: bytes  # SEC1 uncompressed
+
+
 @dataclass
 class Payment:
     """What one simulated payment did: timings, CPU, bytes over the air, the devices' logs."""
@@ -208,13 +218,44 @@ class Payment:
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per device over the same span
     air: dict[str, int] = field(default_factory=dict)  # ATT bytes over the air: to_payee, to_payer, pdus
     paid: dict[str, str] = field(default_factory=dict)
-    keys: dict[str, simdevice.DeviceKeys] = field(default_factory=dict)
+    keys: dict[str, Provisioned] = field(default_factory=dict)
     logs: dict[str, list[str]] = field(default_factory=dict)
+
+
+Provisioner = Callable[[Path, Path, int, int, Callable[[str], None]], dict[str, Provisioned]]
+
+
+def provision_images(out_dir: Path, firmware: Path, amount: int, balance: int, say) -> dict[str, Provisioned]:
+    """payee.img and payer.img written directly by the firmware's store code (simdevice): the fast way, for
+    the bench's many runs. The demo provisions over USB instead (provision_over_usb)."""
+    auth = simdevice.Authority()
+    keys = {"payer": auth.device(wire.ROLE_PAYER), "payee": auth.device(wire.ROLE_PAYEE)}
+    simdevice.provision(out_dir / "payee.img", auth, keys["payee"], config={"name": "payee", "amount": amount},
+                        firmware=firmware)
+    simdevice.provision(out_dir / "payer.img", auth, keys["payer"], [auth.voucher(keys["payer"], 1, balance)],
+                        {"name": "payer"}, firmware)
+    return {name: Provisioned(k.device_id, k.role, protocol.sec1(k.identity.public_key())) for name, k in keys.items()}
+
+
+def provision_over_usb(out_dir: Path, firmware: Path, amount: int, balance: int, say) -> dict[str, Provisioned]:
+    """Both devices blank, each main.py in its own process with its USB serial on a pseudo-terminal
+    (paytoken_host.simusb), provisioned by host/provision.py as an operator would run it (a test issuer key
+    file; the backend's keys and the card's load voucher from a test authority, no backend server)."""
+    from paytoken_host import simstation
+
+    station = simstation.SimStation(out_dir / "station", firmware)
+    found = {}
+    for name, args in (("payee", ["--role", "payee", "--name", "payee", "--amount", str(amount)]),
+                       ("payer", ["--role", "payer", "--name", "payer", "--balance", str(balance)])):
+        res = station.provision(out_dir / f"{name}.img", args)
+        say(f"provision.py over {res.port}: {res.line}")
+        found[name] = Provisioned(res.device_id, res.role, res.identity_pub)
+    return found
 
 
 def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_000, interval_ms: float = 30,
         heaps: dict[str, str] | None = None, launch: Launcher = files_launcher, show=None, out=None,
-        screens: bool = True) -> Payment:
+        screens: bool = True, provision: Provisioner = provision_images) -> Payment:
     """Provision a payee terminal and a payer card in out_dir, run one payment between them, return what it did.
     DemoError when a device fails, halts or stalls (the devices' last lines in the message). screens=False
     leaves the simulated displays without their PNG files and terminal pictures (simulator work that a device
@@ -231,13 +272,8 @@ def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    auth = simdevice.Authority()
-    result = Payment(keys={"payer": auth.device(wire.ROLE_PAYER), "payee": auth.device(wire.ROLE_PAYEE)})
     say(f"provisioning a payee terminal and a payer card (test issuer; card loaded with ${balance / 100:.2f})")
-    simdevice.provision(out_dir / "payee.img", auth, result.keys["payee"], config={"name": "payee", "amount": amount},
-                        firmware=firmware)
-    simdevice.provision(out_dir / "payer.img", auth, result.keys["payer"],
-                        [auth.voucher(result.keys["payer"], 1, balance)], {"name": "payer"}, firmware)
+    result = Payment(keys=provision(out_dir, firmware, amount, balance, say))
     (out_dir / "scanner").write_text("")
     (out_dir / "buttons").write_text("")
     devices: list[Device] = []
@@ -294,20 +330,19 @@ def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_
 
 def run(out_dir: Path, amount: int, balance: int, interval_ms: float, heap: str, firmware: Path, out) -> dict:
     result = pay(out_dir, firmware, amount, balance, interval_ms, {"payer": heap, "payee": heap},
-                 show=printer(out), out=out)
+                 show=printer(out), out=out, provision=provision_over_usb)
     print(f"\npaid in {result.seconds:.2f} s from the QR scan to both records stored", file=out)
     summary = summarise(out_dir, firmware, result.keys["payer"], result.keys["payee"])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def summarise(out_dir: Path, firmware: Path, payer_keys: simdevice.DeviceKeys,
-              payee_keys: simdevice.DeviceKeys) -> dict:
+def summarise(out_dir: Path, firmware: Path, payer_keys: Provisioned, payee_keys: Provisioned) -> dict:
     devices, records = [], []
     for keys, image in ((payee_keys, out_dir / "payee.img"), (payer_keys, out_dir / "payer.img")):
         bal, payments = export(image, firmware)
         devices.append({"id": keys.device_id.hex(), "role": "payer" if keys.role == wire.ROLE_PAYER else "payee",
-                        "identity_public_key": protocol.sec1(keys.identity.public_key()).hex(), "balance": bal})
+                        "identity_public_key": keys.identity_pub.hex(), "balance": bal})
         if keys.role == wire.ROLE_PAYEE:
             for _, payment, receipt in payments:
                 p = wire.decode_payment(payment)

@@ -6,8 +6,12 @@ build/firmware/
   board/...                 (the chosen board's files from boards/<BOARD>/, its lib/ excepted)
   lib/*.mpy                 (boards/<BOARD>/lib/: top-level modules standing in for the port's built-ins,
                              e.g. the simulator's `bluetooth`)
+  lib/paytoken/fwinfo.mpy   HASH: firmware_hash() of everything else in lib/ and board/ (the provisioning
+                            service's IDENTIFY reports it; the station compares it with its build)
   romfs.img                 lib/ and board/ as one ROMFS image (vfs.VfsRom): on an ESP32 with a romfs
                             partition the code runs in place from flash instead of loading into the heap
+  manifest.py               a freeze manifest of lib/ and board/ for a MicroPython build with the firmware
+                            frozen in (a production image; `make frozen-unix` for the simulator)
 """
 
 from __future__ import annotations
@@ -73,7 +77,9 @@ def build(out: Path, board: str = "unix_sim", mpy_cross: str | None = None) -> l
             shutil.copy2(src, dst)
         else:
             dst = (out / rel).with_suffix(".mpy")
-            compile_module(mpy_cross, src, dst, rel.as_posix())
+            # named as imported (paytoken/wire.py): tracebacks say so, and a freeze takes the name from here
+            name = rel.relative_to("lib") if rel.parts[0] == "lib" else rel
+            compile_module(mpy_cross, src, dst, name.as_posix())
         written.append(dst)
     for src in sorted(p for p in board_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         rel = src.relative_to(board_dir)
@@ -88,8 +94,54 @@ def build(out: Path, board: str = "unix_sim", mpy_cross: str | None = None) -> l
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
         written.append(dst)
+    info = out / "lib" / "paytoken" / "fwinfo.mpy"
+    src = out / "fwinfo.py"
+    src.write_text(f'# written by fwbuild: the firmware hash (fwbuild.firmware_hash)\nHASH = "{firmware_hash(out)}"\n')
+    compile_module(mpy_cross, src, info, "paytoken/fwinfo.py")
+    src.unlink()
+    written.append(info)
     written.append(make_romfs(out))
+    written.append(make_manifest(out, board_dir))
     return written
+
+
+def make_manifest(out: Path, board_dir: Path) -> Path:
+    """out/manifest.py: MicroPython's freeze manifest for this build. The unix port gets asyncio (its own
+    manifest also wants micropython-lib); an ESP32 port keeps its board manifest and gets the board's mip
+    packages frozen too. board/board.json stays a file: the board reads it from the filesystem."""
+    import json
+
+    info = json.loads((board_dir / "board.json").read_text())
+    lines = [f"# Freeze manifest of the {board_dir.name} firmware build, written by fwbuild (README, 'Frozen builds').",
+             "# Absolute paths: MicroPython's freeze() checks a relative path against its own working directory."]
+    if info.get("chip", "none") == "none":
+        lines.append('include("$(MPY_DIR)/extmod/asyncio")')
+    else:
+        lines.append('include("$(PORT_DIR)/boards/manifest.py")')
+        lines += [f"require({pkg!r})" for pkg in info.get("mip", [])]
+    root = out.resolve()
+    lines += [f"freeze({str(root / 'lib')!r})", f"freeze({str(root)!r}, 'board')"]
+    path = out / "manifest.py"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+FWINFO = "lib/paytoken/fwinfo.mpy"
+
+
+def firmware_hash(out: Path) -> str:
+    """SHA-256 (hex) over the built code in out/lib and out/board, path and contents of each file in path
+    order, fwinfo.mpy itself left out: what a provisioned device's IDENTIFY reports."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ROMFS_DIRS:
+        for f in sorted((out / name).rglob("*")):
+            rel = f.relative_to(out).as_posix()
+            if f.is_file() and rel != FWINFO:
+                data = f.read_bytes()
+                h.update(rel.encode() + b"\0" + len(data).to_bytes(4, "big") + data)
+    return h.hexdigest()
 
 
 ROMFS_DIRS = ("lib", "board")

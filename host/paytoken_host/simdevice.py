@@ -99,8 +99,10 @@ class Authority:
         )
         return DeviceKeys(device_id, role, identity, cert, static if role & wire.ROLE_PAYEE else None)
 
-    def voucher(self, keys: DeviceKeys, counter: int, amount: int, currency: int = USD) -> bytes:
-        return protocol.sign(self.backend, wire.voucher_body(keys.device_id, counter, amount, currency, self.now))
+    def voucher(self, keys: DeviceKeys | bytes, counter: int, amount: int, currency: int = USD) -> bytes:
+        """A load voucher for a device (its keys, or just its id)."""
+        device_id = keys if isinstance(keys, bytes) else keys.device_id
+        return protocol.sign(self.backend, wire.voucher_body(device_id, counter, amount, currency, self.now))
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({"issuer": _scalar(self.issuer.key).hex(), "backend": _scalar(self.backend).hex(),

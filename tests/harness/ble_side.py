@@ -25,7 +25,15 @@ HEAP0 = gc.mem_alloc()
 
 import bluetooth  # noqa: E402
 
+from paytoken.framing import MAX_MESSAGE  # noqa: E402
 from paytoken.link import LinkError  # noqa: E402
+
+
+def _link_kw(p):
+    # The link tests exercise every message size the framing allows; the apps use the session's smaller limit.
+    kw = {"max_message": MAX_MESSAGE}
+    kw.update(p.get("kw", {}))
+    return kw
 
 
 def pattern(n, k):
@@ -98,7 +106,7 @@ async def payee(p, res):
     from paytoken.ble.peripheral import Peripheral
 
     res["heap_import"] = heap() - res["heap_base"]
-    per = Peripheral(ble, p.get("name", "paytoken-test"), **p.get("kw", {}))
+    per = Peripheral(ble, p.get("name", "paytoken-test"), **_link_kw(p))
     per.start(bytes.fromhex(p["nonce"]))
     res["heap_ready"] = heap() - res["heap_base"]
     res["address"] = [per.address()[0], per.address()[1].hex()]
@@ -145,7 +153,7 @@ async def payer(p, res):
     t = time.ticks_ms()
     try:
         link = await central.connect(ble, p.get("addr_type", 0), addr, bytes.fromhex(p["nonce"]),
-                                     p.get("timeout_ms", 8000), **p.get("kw", {}))
+                                     p.get("timeout_ms", 8000), **_link_kw(p))
     except LinkError as e:
         res["connect"] = why(e)
         res["connect_ms"] = time.ticks_diff(time.ticks_ms(), t)

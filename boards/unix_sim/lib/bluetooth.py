@@ -82,6 +82,7 @@ _ATTR_LEN = const(20)  # MP_BLUETOOTH_DEFAULT_ATTR_LEN
 _ADV_MAX = const(31)
 _NAME_MAX = const(31)
 _BUF = const(528)
+_RBUF = const(1152)  # the broker's longest line: an ATT PDU of the largest MTU (527) in hex, and its envelope
 
 # ATT opcodes
 _ERR = const(0x01)
@@ -249,7 +250,9 @@ class BLE:
         self._s = s
         self._p = _select.poll()
         self._p.register(s, _select.POLLIN)
-        self._rx = b""
+        self._rbuf = bytearray(_RBUF)
+        self._rmv = memoryview(self._rbuf)
+        self._rn = 0
         self._q = []
         self._n = 0
         addr = _os.getenv("PAYTOKEN_RADIO_ADDR")
@@ -330,24 +333,35 @@ class BLE:
 
     def _fill(self, ms):
         # Read what the broker sent (waiting up to ms). Transmit buffer releases apply at once, as NimBLE
-        # frees them from its own task; every other message waits in _q for _pump.
+        # frees them from its own task; every other message waits in _q for _pump. The bytes go into one
+        # preallocated buffer: NimBLE's own memory is not MicroPython's heap on an ESP32, so the simulated
+        # stack must not churn the firmware's heap with a fresh buffer per read.
         s = self._s
         if s is None or not self._p.poll(ms):
             return False
-        try:
-            d = s.recv(4096)
+        buf, n = self._rbuf, self._rn
+        if n == len(buf):  # a line longer than any the broker sends: drop it
+            print("bluetooth sim: a line longer than %d bytes from the radio broker dropped" % n)
+            n = 0
+        try:  # non-blocking for this read: a socket's readinto otherwise waits until the buffer is full
+            s.setblocking(False)
+            k = s.readinto(self._rmv[n:])
+            s.setblocking(True)
         except OSError:
-            d = b""
-        if not d:
+            k = 0
+        if k is None:  # nothing after all (poll said readable)
+            return False
+        if not k:
             self._lost()
             return False
-        rx = self._rx + d
+        n += k
+        start = 0
         while True:
-            i = rx.find(b"\n")
+            i = buf.find(b"\n", start, n)
             if i < 0:
                 break
-            line = rx[:i]
-            rx = rx[i + 1 :]
+            line = bytes(self._rmv[start:i])
+            start = i + 1
             try:
                 m = _json.loads(line)
             except ValueError:
@@ -360,7 +374,10 @@ class BLE:
                     self._txfree += b
             else:
                 self._q.append(m)
-        self._rx = rx
+        if start:
+            self._rmv[: n - start] = self._rmv[start:n]
+            n -= start
+        self._rn = n
         return True
 
     def _pump(self, ms=0):

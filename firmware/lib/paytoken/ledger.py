@@ -73,8 +73,11 @@ class Ledger:
         if _exists(tmp):
             os.remove(tmp)  # a compaction cut before its rename: the old file is still whole
         if not _exists(path):
-            with open(path, "wb") as f:
+            # made whole beside it, then renamed: a cut while creating it leaves no ledger, never an empty one
+            init = path + ".init"
+            with open(init, "wb") as f:
                 f.write(_header(0, ZERO_HASH, b""))
+            os.rename(init, path)
         self._recover()
 
     # ---- reading ----

@@ -9,13 +9,18 @@
 #   backend.kx    32 bytes   optional: the backend's X25519 static key, the responder key of the sync session
 #                            (docs/protocol.md §10); a device without it cannot sync end to end encrypted
 #   config.json   optional   {"name": "till-1", "app": "card" | "terminal", "amount": 10000, "qr_amount": false}
+#   final         8 bytes    the lock: the certificate's device id, written by the provisioning's finalise
+#                            (paytoken.provisioning) as its very last step; until then the device cannot pay
 #
-#   load(root) -> Device      every file read and cross-checked; StoreError if anything is missing or wrong
-#   provision(root, ...)      the same checks on the new contents first, then every file written atomically
+#   load(root, pending=False) -> Device   every file read and cross-checked; StoreError if anything is missing
+#                             or wrong, or (unless pending) the store is not finalised
+#   provision(root, ...)      the same checks on the new contents first, then every file written atomically,
+#                             `final` last (the all-at-once path of the host's simulated devices)
 #
-# A device without a complete, consistent store is unprovisioned: load() raises StoreError and the device
-# must not pay (main.py shows why). Writes go to name + ".tmp" and are renamed over the old file, atomic
-# on LittleFS, so a cut leaves the old file or the new one, never half of one.
+# A device without a complete, consistent, finalised store is unprovisioned: load() raises StoreError and the
+# device must not pay (main.py runs the USB provisioning service instead). Writes go to name + ".tmp" and
+# are renamed over the old file, atomic on LittleFS, so a cut leaves the old file or the new one, never half
+# of one.
 import json
 import os
 
@@ -157,13 +162,28 @@ def check(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_priv=No
                   backend_kx and bytes(backend_kx))
 
 
-def load(root):
+FINAL = "final"
+
+
+def load(root, pending=False):
+    # pending=True: the provisioning's own view of a store it is still building (no lock needed yet)
     dev = check(root, _read(root, "identity.key"), _read(root, "cert.bin"), _read(root, "issuer.pub"),
                 _read(root, "backend.pub"), _read(root, "static.key", True), _read(root, "config.json", True),
                 _read(root, "backend.kx", True))
+    if not pending:
+        final = _read(root, FINAL, True)
+        if final is None:
+            raise StoreError(MISSING, FINAL, "provisioning not finalised")
+        if final != dev.cert.device_id:
+            raise StoreError(MISMATCH, FINAL, "finalised for another device id")
     dev.root = root
     dev.ledger_path = ledger_path(root)
     return dev
+
+
+def mkdirs(root):
+    _mkdir(path(root, "store"))
+    _mkdir(path(root, "ledger"))
 
 
 def _mkdir(p):
@@ -171,6 +191,20 @@ def _mkdir(p):
         os.mkdir(p)
     except OSError:
         pass  # there already (a real failure shows when the file is written)
+
+
+def read(root, name):
+    # One store file's bytes, or None when it is not there.
+    return _read(root, name, True)
+
+
+def write(root, name, data):
+    # One store file, atomically (name.tmp renamed over name).
+    _write(root, name, data)
+
+
+def remove(root, name):
+    _remove(root, name)
 
 
 def _write(root, name, data):
@@ -200,12 +234,12 @@ def provision(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_pri
             old_id = wire.decode_cert(old).device_id
         except ValueError:
             old_id = None
-        if old_id != dev.cert.device_id and _exists(ledger_path(root)):
+        if old_id != dev.cert.device_id and exists(ledger_path(root)):
             raise StoreError(MISMATCH, "cert.bin", "the ledger on this device belongs to another device id")
-    _mkdir(path(root, "store"))
-    _mkdir(path(root, "ledger"))
-    # cert.bin goes last. A cut before it leaves new keys beside the old certificate, which load() refuses
-    # (mismatch), or for a renewal with the same keys the old certificate with the new files; running the
+    mkdirs(root)
+    _remove(root, FINAL)
+    # cert.bin goes last, then the lock. A cut before it leaves new keys beside the old certificate, which
+    # load() refuses (mismatch), or for a renewal with the same keys the old certificate with the new files; running the
     # provisioning again completes it either way.
     _write(root, "identity.key", dev.identity_priv)
     if static_priv is not None:
@@ -223,10 +257,11 @@ def provision(root, identity_priv, cert_raw, issuer_pub, backend_pub, static_pri
     else:
         _remove(root, "config.json")
     _write(root, "cert.bin", dev.cert_raw)
+    _write(root, FINAL, dev.cert.device_id)
     return load(root)
 
 
-def _exists(p):
+def exists(p):
     try:
         os.stat(p)
         return True

@@ -11,8 +11,6 @@ forward under the row lock, FOR UPDATE SKIP LOCKED on PostgreSQL), so an event i
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from paytoken_host.backend import db
+from paytoken_host.webhook import signature
 
 LEASE = 30  # seconds a claimed event is reserved for the sender that claimed it
 MAX_BACKOFF = 600
@@ -36,10 +35,6 @@ def enqueue(conn: Connection, key: str, kind: str, payload: dict, now: int) -> N
                                                   attempts=0, next_attempt_at=now))
     except IntegrityError:
         pass  # the same event was queued before: once is enough
-
-
-def signature(secret: bytes, timestamp: int, body: bytes) -> str:
-    return hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
 def _claim(engine: Engine, now: int, limit: int) -> list[tuple[int, str, str, int]]:

@@ -5,8 +5,11 @@
 #       board: the board module (display(), buttons(cb), scanner(), storage()); make_transport(app) gives the
 #       app's transport (default: transport() below); sessions and out go to the app (tests, the demo).
 #       Returns the app after it stopped, or None when the device cannot pay: an unprovisioned or damaged
-#       store, or no radio. Then the screen says why and main.py returns to the REPL, where provisioning
-#       (over USB) can reach the device.
+#       store, or no radio; then the screen says why. An unprovisioned device whose board has a USB serial
+#       link (board.usb(), None without one) runs the provisioning service on it instead
+#       (paytoken.provisioning); after finalise it resets the board (usb.reset(); the simulator's process
+#       ends and "restart" is returned), which then boots into its app. A provisioned device enters the same
+#       service when asked at power-on (usb.service_requested(): a button held), where it answers IDENTIFY only.
 #   open_device(root) -> (store.Device, Trust, Wallet); StoreError when the store is incomplete or wrong.
 #   transport(app)    the BLE transport from paytoken.ble (its own module), None when the build has none.
 import asyncio
@@ -69,19 +72,40 @@ def build(board, dev, trust, wallet, transport, screen, out=None):
     return Card(wallet, trust, transport, screen, Keys(board.buttons), board.scanner(), log)
 
 
+def usb_service(usb, root, screen, log):
+    # The USB serial service (provisioning) on the board's USB link; None when the board has none.
+    if usb is None:
+        return None
+    from paytoken import provisioning
+
+    log("EVENT device provisioning usb=ready")
+    screen.show("unprovisioned", "USB service: provisioning")
+    why = provisioning.serve(root, usb.port(), usb.chip, usb.rng_entropy)
+    log("EVENT device provisioning end=%s" % why)
+    if why == "restart":
+        usb.reset()
+    return why
+
+
 def run(board, make_transport=None, sessions=None, out=None):
     screen = Screen(board.display())
     log = out or print
+    usb = board.usb() if hasattr(board, "usb") else None
     try:
-        dev, trust, wallet = open_device(board.storage())
+        root = board.storage()
+        if usb is not None and usb.service_requested():
+            return usb_service(usb, root, screen, log)
+        dev, trust, wallet = open_device(root)
     except store.StoreError as e:
         log("EVENT device halted why=unprovisioned file=%s kind=%s" % (e.name, e.kind))
         screen.show("unprovisioned", str(e))
-        return None
+        return usb_service(usb, root, screen, log)
     except OSError as e:  # no filesystem to read the store from
         log("EVENT device halted why=storage")
         screen.show("unprovisioned", "storage: " + str(e))
         return None
+    usb = None
+    forget("paytoken.drivers.esp32_usb")  # nothing of the USB service stays on the payment path
     t = (make_transport or transport)(dev.app)
     if t is None:
         log("EVENT %s halted why=transport" % dev.name)

@@ -44,13 +44,17 @@ def payee_transport(name=None):
 
 class Payer:
     # The payer's transport: await connect(addr_type, addr, nonce, timeout_ms) -> Link (see central.connect).
+    # The central's code and buffers are made here, at start-up, not in the middle of a payment: long-lived
+    # objects allocated between a payment's short-lived ones would split the heap's free space for good.
     def __init__(self, ble):
+        from paytoken.ble import central
+
         self.ble = ble
+        self._connect = central.connect
+        central.prepare(ble)
 
     async def connect(self, addr_type, addr, nonce, timeout_ms):
-        from paytoken.ble.central import connect
-
-        return await connect(self.ble, addr_type, addr, nonce, timeout_ms)
+        return await self._connect(self.ble, addr_type, addr, nonce, timeout_ms)
 
 
 def payer_transport():

@@ -20,7 +20,7 @@ from micropython import const
 from paytoken.ble import gatt
 from paytoken.ble.conn import BleLink
 from paytoken.ble.irq import dispatcher
-from paytoken.framing import MAX_FRAME, MAX_MESSAGE, MIN_FRAME, Reassembler
+from paytoken.framing import MAX_FRAME, MIN_FRAME, Reassembler
 from paytoken.link import CLOSED, TIMEOUT, UNREACHABLE, LinkError
 
 _IRQ_SCAN_RESULT = const(5)
@@ -55,13 +55,8 @@ WRITE_TIMEOUT_MS = const(6000)  # a write with response unanswered this long end
 WRITE_STALL_MS = const(6000)  # a write refused (ENOMEM) for this long ends the session (TIMEOUT)
 
 
-async def connect(ble, addr_type, addr, nonce, timeout_ms, mtu=gatt.PREFERRED_MTU, max_message=MAX_MESSAGE):
-    """Reach the payee of a QR (address, nonce) and open a session: a paytoken Link.
-
-    LinkError(UNREACHABLE) when neither the address nor a scan finds a payee offering the service,
-    LinkError(BUSY) when the payee serves another payer, LinkError(TIMEOUT) when a step overruns timeout_ms,
-    LinkError(CLOSED) when the connection drops on the way. A link still open from before is closed.
-    """
+def prepare(ble, mtu=gatt.PREFERRED_MTU, max_message=gatt.SESSION_MESSAGE):
+    # The Central that connect() with the same mtu and max_message uses (made now if not yet).
     d = dispatcher(ble)
     c = d.central
     if c is None or c.mtu != mtu or c.max_message != max_message:
@@ -69,14 +64,24 @@ async def connect(ble, addr_type, addr, nonce, timeout_ms, mtu=gatt.PREFERRED_MT
             c._link.close()
         c = Central(ble, mtu, max_message)
         d.central = c
-    return await c.connect(addr_type, addr, nonce, timeout_ms)
+    return c
+
+
+async def connect(ble, addr_type, addr, nonce, timeout_ms, mtu=gatt.PREFERRED_MTU, max_message=gatt.SESSION_MESSAGE):
+    """Reach the payee of a QR (address, nonce) and open a session: a paytoken Link.
+
+    LinkError(UNREACHABLE) when neither the address nor a scan finds a payee offering the service,
+    LinkError(BUSY) when the payee serves another payer, LinkError(TIMEOUT) when a step overruns timeout_ms,
+    LinkError(CLOSED) when the connection drops on the way. A link still open from before is closed.
+    """
+    return await prepare(ble, mtu, max_message).connect(addr_type, addr, nonce, timeout_ms)
 
 
 class Central:
     # The GATT client role: its buffers (Reassembler, frame buffer) are allocated once and serve every
     # connection. One connection at a time.
 
-    def __init__(self, ble, mtu=gatt.PREFERRED_MTU, max_message=MAX_MESSAGE):
+    def __init__(self, ble, mtu=gatt.PREFERRED_MTU, max_message=gatt.SESSION_MESSAGE):
         if not MIN_FRAME + 3 <= mtu <= MAX_FRAME + 3:
             raise ValueError("mtu out of range")
         self.ble = ble

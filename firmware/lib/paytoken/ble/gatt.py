@@ -23,6 +23,9 @@ PROP_WRITE = const(0x08)  # characteristic properties as discovered (GATT Charac
 PROP_NOTIFY = const(0x10)
 
 DEFAULT_MTU = const(23)  # ATT_MTU before the exchange
+# The payment session's messages are at most 228 bytes (docs/protocol.md section 2: certificates have fixed
+# sizes); each side's reassembly buffer holds SESSION_MESSAGE, not the framing's MAX_MESSAGE: 3.5 KB less heap.
+SESSION_MESSAGE = const(512)
 PREFERRED_MTU = const(247)  # both sides' config(mtu=): frames of 244 bytes, one LE data PDU each (DLE 251)
 ADV_INTERVAL_US = const(100000)
 

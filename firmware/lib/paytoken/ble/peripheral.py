@@ -21,7 +21,7 @@ from micropython import const
 from paytoken.ble import gatt
 from paytoken.ble.conn import BleLink
 from paytoken.ble.irq import dispatcher
-from paytoken.framing import MAX_FRAME, MAX_MESSAGE, MIN_FRAME, Reassembler
+from paytoken.framing import MAX_FRAME, MIN_FRAME, Reassembler
 from paytoken.link import BUSY, CLOSED, TIMEOUT, LinkError
 
 _IRQ_CENTRAL_CONNECT = const(1)
@@ -51,7 +51,7 @@ _TICK_MS = const(250)  # housekeeping period
 
 
 class Peripheral:
-    def __init__(self, ble, name, mtu=gatt.PREFERRED_MTU, max_message=MAX_MESSAGE):
+    def __init__(self, ble, name, mtu=gatt.PREFERRED_MTU, max_message=gatt.SESSION_MESSAGE):
         if not MIN_FRAME + 3 <= mtu <= MAX_FRAME + 3:
             raise ValueError("mtu out of range")
         if not ble.active():
