@@ -442,3 +442,26 @@ def test_status_records_in_the_ledger_are_accepted_and_vouchers_only_ours(env):
 def test_rcvd_status_offset_fits_the_layout():
     # The wallet reads a RCVD record's receipt status at wire.RCVD_STATUS: the byte before the receipt time.
     assert wire.RCVD_STATUS == struct.calcsize(F.RCVD_FMT) - 5
+
+
+def test_a_receipt_in_a_later_upload_than_its_payment_settles_it(env):
+    # A payer's upload may end between a payment and its receipt (the receipt record arrives in the next one);
+    # that upload then carries no payment at all, and the payment before this one settled long ago.
+    world, backend, clock = env
+    payer, payee = setup(world, backend)
+    txids = []
+    for amount in (1_000, 2_000):
+        p = make_payment(payer, payee, amount)
+        record_sent(payer, p)
+        receipt = record_rcvd(payee, p)
+        assert backend.upload(payer.batch().encode())[0] == 200
+        txids.append(wire.decode_payment(p).txid)
+        assert state(backend, txids[-1]) == "pending"
+        record_result(payer, receipt)
+        assert backend.upload(payer.batch().encode())[0] == 200
+        assert state(backend, txids[-1]) == "settled"
+    assert backend.balances()["accounts"][f"merchant:{payee.device_id.hex()}"] == 3_000
+    # the payee's own upload later finds both settled, and changes nothing
+    assert backend.upload(payee.batch().encode())[0] == 200
+    assert [state(backend, t) for t in txids] == ["settled", "settled"]
+    assert backend.balances()["accounts"][f"merchant:{payee.device_id.hex()}"] == 3_000
