@@ -32,6 +32,13 @@ class Paid:
     key: str  # the backend's key file
     payer_id: bytes
     payee_id: bytes
+    world: SimpleNamespace  # the test issuer and backend keys
+
+    def voucher(self, db_url: str, device_id: bytes, amount: int) -> None:
+        """The treasury loads a device (the backend's service on the database a running server uses)."""
+        backend = make_backend(Database("sqlite", db_url), self.world, time.time)
+        backend.issue_voucher(device_id, amount)
+        backend.engine.dispose()
 
 
 def paid(tmp: Path, amount: int = 10_000, balance: int = 100_000) -> Paid:
@@ -48,7 +55,9 @@ def paid(tmp: Path, amount: int = 10_000, balance: int = 100_000) -> Paid:
         for name, role in (("payee", wire.ROLE_PAYEE), ("payer", wire.ROLE_PAYER)):
             k = auth.device(role)
             backend.register(k.cert)
-            vouchers = [bytes.fromhex(backend.issue_voucher(k.device_id, balance)["voucher"])] if name == "payer" else []
+            vouchers = []
+            if name == "payer":
+                vouchers = [bytes.fromhex(backend.issue_voucher(k.device_id, balance)["voucher"])]
             config = {"name": name, "amount": amount} if name == "payee" else {"name": name}
             simdevice.provision(out_dir / f"{name}.img", auth, k, vouchers, config, firmware)
             ids[name] = k.device_id
@@ -57,7 +66,7 @@ def paid(tmp: Path, amount: int = 10_000, balance: int = 100_000) -> Paid:
 
     demo.pay(tmp / "pay", FIRMWARE_BUILD, amount, balance, provision=provision, screens=False)
     backend.engine.dispose()
-    return Paid(tmp, key, ids["payer"], ids["payee"])
+    return Paid(tmp, key, ids["payer"], ids["payee"], world)
 
 
 class Rig:
