@@ -194,3 +194,41 @@ def core_cli(*args: str) -> list[str]:
     from tests.serial_sync_rig import BRIDGE
 
     return BRIDGE + list(args)
+
+
+def test_busy_answer_and_unloading(mp):
+    # The watcher's BUSY frame is the codec's own response; while the app pays, a request gets it and nothing is
+    # imported; when idle, a request is served and every module the serving loaded is gone again.
+    assert frames.decode(mp.eval("__import__('paytoken.app.usbwatch').app.usbwatch.busy_frame(0x10)")) == \
+        frames.decode(frames.response(frames.T_SYNC_PULL, frames.E_BUSY, b"busy: paying"))
+    mp.exec(
+        "import sys, asyncio\n"
+        "from paytoken.app import usbwatch\n"
+        "class _P:\n"
+        "    def __init__(self, data): self.data = bytearray(data); self.out = bytearray()\n"
+        "    def read(self, n, ms):\n"
+        "        b = bytes(self.data[:n]); self.data = self.data[n:]; return b\n"
+        "    def write(self, d): self.out += d\n"
+        "class _A: busy = True\n"
+        "class _S:\n"
+        "    state = None\n"
+        "    def show(self, *s): self.state = s\n"
+        f"_p = _P({frames.encode(frames.T_SYNC_STATUS)!r})\n"
+        "_w = usbwatch.UsbWatch(_p, _A(), None, None, _S(), lambda *a: None)\n"
+        "_b = set(sys.modules)\n"
+        "_w._busy(_p.read(64, 0))\n"
+        "_busy_loaded = sorted(set(sys.modules) - _b)\n"
+    )
+    assert mp.eval("_busy_loaded") == []
+    assert frames.decode(mp.eval("bytes(_p.out)"))[1][0] == frames.E_BUSY
+    mp.exec(  # idle: an unknown-type request is served by the USB service, which is unloaded afterwards
+        "_A.busy = False\n"
+        f"_p = _P({frames.encode(0x1f)!r})\n"
+        "_w.port = _p\n"
+        "_b = set(sys.modules)\n"
+        "asyncio.run(_w._serve(_p.read(64, 0)))\n"
+        "_left = sorted(set(sys.modules) - _b)\n"
+    )
+    t, body = frames.decode(mp.eval("bytes(_p.out)"))
+    assert t == 0x1f | frames.RESPONSE and body[0] == frames.E_UNKNOWN
+    assert mp.eval("_left") == []
