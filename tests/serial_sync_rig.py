@@ -87,6 +87,7 @@ class Rig:
         self.timeline = demo.Timeline()
         self.devices: dict[str, demo.Device] = {}
         self.usb: dict[str, UsbBridge] = {}
+        self._fresh: dict[str, dict] = {}  # the payee's QR / the payer's ready event that start() already took
 
     def serve(self) -> None:
         self.server = start_server(self.db_url, self.template.key.replace(str(self.template.dir), str(self.dir)),
@@ -103,9 +104,26 @@ class Rig:
                 env[f"PAYTOKEN_SIM_{f.upper()}"] = str(self.dir / "pay" / f)
         self.devices[name] = demo.Device(name, FIRMWARE_BUILD, "512K", env, demo.files_launcher, self.timeline,
                                          screens=False)
-        self.devices[name].until("qr" if name == "payee" else "ready", lambda *a: None)
+        ev = self.devices[name].until("qr" if name == "payee" else "ready", lambda *a: None)
+        self._fresh[name] = ev
         usb.wait_device()
         return usb
+
+    def pay(self) -> None:
+        """One more payment between the running apps over the simulated radio: the payee's next QR shown to the
+        payer's scanner once it is ready, CONFIRM pressed when it asks."""
+        from paytoken import base45
+
+        qr = self._fresh.pop("payee", None) or self.until("payee", "qr")
+        self._fresh.pop("payer", None) or self.until("payer", "ready")
+        pay_dir = self.dir / "pay"
+        with open(pay_dir / "scanner", "a") as f:
+            f.write(base45.encode(bytes.fromhex(qr["qr"])) + "\n")
+        self.until("payer", "ask")
+        with open(pay_dir / "buttons", "a") as f:
+            f.write("confirm\n")
+        self.until("payer", "paid")
+        self.until("payee", "paid")
 
     def until(self, name: str, event: str, timeout: float = 60) -> dict:
         return self.devices[name].until(event, lambda *a: None, timeout)

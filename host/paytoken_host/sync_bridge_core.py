@@ -282,17 +282,17 @@ def relay(device: DeviceLink, backend_url: str, progress: Callable[[str], None] 
     t0 = time.monotonic()
     sync_once(device, backend, result, progress)
     progress(f"{device.name}: synced: {describe(result)}")
-    while stay and not should_stop():
-        hint = device.wake_hint()
-        if hint is None:
-            progress(f"{device.name}: no wake token from the device; cannot wait for its news")
-            break
+    hint = device.wake_hint() if stay else None  # asked right after the sync, while the device has it
+    if stay and hint is None:
+        progress(f"{device.name}: no wake token from the device; cannot wait for its news")
+    while hint is not None and not should_stop():
         woke, _ = backend.wake(hint[0], hint[1], wait, progress)
         if woke and not should_stop():
             result.wakes += 1
             progress(f"{device.name}: news from the backend, syncing")
             sync_once(device, backend, result, progress)
             progress(f"{device.name}: synced: {describe(result)}")
+            hint = device.wake_hint() or hint
     result.seconds = time.monotonic() - t0
     return result
 

@@ -112,8 +112,8 @@ class UsbWatch:
         from paytoken.sync_usb import counts
 
         text = counts(self.wallet)
-        self.log("synced", "applied=%d balance=%d statuses=%s" % (h.applied, self.wallet.balance,
-                                                                    text.replace(" ", "").replace(",", "+")))
+        self.log("synced", "applied=%d uploaded=%d balance=%d statuses=%s" % (
+            h.applied, h.last.uploaded, self.wallet.balance, text.replace(" ", "").replace(",", "+")))
         self.screen.show("sync_status", text)
         return self.screen.state
 
