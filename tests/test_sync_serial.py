@@ -6,6 +6,7 @@ run; a hostile relay changes nothing; bad input gets a clear error and its exit 
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import subprocess
 import time
@@ -71,26 +72,28 @@ def test_relayed_twice_through_two_bridges_settles_once(rig):
     assert len(settled_rows(rig)) == 1
 
 
-def test_stay_brings_news_without_another_run(rig):
-    # Both devices online: the payee's --stay bridge syncs it, then waits on the backend's long-poll. The payer's
-    # upload (another bridge) settles nothing new for the payee, but a load the treasury issues for the payer
-    # while its --stay bridge waits reaches it without another run.
-    rig.start("payer")
+def test_stay_brings_the_second_device_its_status(rig):
+    # Both devices online, the payer's --stay bridge waiting on the backend's long-poll after its sync. They pay
+    # again; the payee's upload (a one-shot bridge) settles that payment, and the payer's bridge, woken, brings the
+    # payer its status without another run. A load the treasury issues meanwhile reaches it the same way.
     rig.start("payee")
+    rig.start("payer")
     stay = rig.bridge_bg("payer", "--stay", "--wait", "5")
     try:
         first = rig.until("payer", "synced")
         assert first["statuses"] == "settled1" and first["balance"] == "90000"
+        rig.pay()
         p = rig.bridge("payee")
         assert p.returncode == 0, p.stderr
-        assert rig.until("payee", "synced")["statuses"] == "settled1"
-        rig.template.voucher(rig.db_url, rig.template.payer_id, 5_000)
+        assert rig.until("payee", "synced")["statuses"] == "settled2"
         woken = rig.until("payer", "synced", 60)  # no other run: the long-poll woke the payer's bridge
-        assert woken["balance"] == "95000"
+        assert woken["statuses"] == "settled2" and woken["balance"] == "80000"
+        rig.template.voucher(rig.db_url, rig.template.payer_id, 5_000)
+        assert rig.until("payer", "synced", 60)["balance"] == "85000"
     finally:
         stay.terminate()
         _, err = stay.communicate(timeout=30)
-    assert "news from the backend" in err
+    assert err.count("news from the backend") >= 2
 
 
 class Hostile:
@@ -101,17 +104,23 @@ class Hostile:
         self.link, self.name, self.rnd = link, "hostile", random.Random(seed)
         self.old: list[bytes] = []
         self.summary = None
+        self.tampered = self.duplicated = 0
 
     def pull(self) -> bytes | None:
         m = self.link.pull()
-        if m is not None and self.rnd.random() < 0.5:
+        if m is not None and (not self.tampered or self.rnd.random() < 0.5):
+            self.tampered += 1
             return self._damage(m)
         return m
 
     def push(self, msg2: bytes) -> int:
         self.old.append(msg2)
-        if self.rnd.random() < 0.6:
-            bad = self._damage(msg2) if self.rnd.random() < 0.7 else self.old[0]  # damaged or an old one replayed
+        if len(self.old) == 2:  # dropped: the device never gets it; the relay asks again
+            self.tampered += 1
+            raise core.AnswerRefused("dropped on the way")
+        if len(self.old) == 1 or self.rnd.random() < 0.3:  # a bad answer first: the device refuses it and
+            bad = self._damage(msg2) if self.rnd.random() < 0.7 else self.old[0]  # the exchange is lost (pull again)
+            self.tampered += 1
             try:
                 self.link.push(bad)
             except core.AnswerRefused:
@@ -119,6 +128,9 @@ class Hostile:
             except core.DeviceError as e:
                 assert e.status in (frames.E_STATE, frames.E_REFUSED), e
         n = self.link.push(msg2)
+        if not self.duplicated or self.rnd.random() < 0.5:  # duplicated: the same answer, nothing applied twice
+            self.duplicated += 1
+            assert self.link.push(msg2) == n
         self.summary = self.link.summary
         return n
 
@@ -146,7 +158,7 @@ def test_hostile_relay_changes_nothing(rig):
             r = core.relay(link, rig.url)
         finally:
             link.close()
-        assert r.syncs == 1
+        assert r.syncs == 1 and link.tampered > 0 and link.duplicated > 0
         assert rig.until(name, "synced")["statuses"] == "settled1"
     assert [r[1] for r in settled_rows(rig)] == ["settled"]
     assert rig.until("payer", "usb", 10)  # the apps still run
@@ -232,3 +244,11 @@ def test_busy_answer_and_unloading(mp):
     t, body = frames.decode(mp.eval("bytes(_p.out)"))
     assert t == 0x1f | frames.RESPONSE and body[0] == frames.E_UNKNOWN
     assert mp.eval("_left") == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("paytoken_host.sync_ble") is not None,
+                    reason="this installation has the BLE sync transport")
+def test_ble_without_its_transport_is_a_usage_error():
+    p = subprocess.run(core_cli("--ble", "till-1", "--backend", "http://127.0.0.1:9"), capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == core.EXIT_CODES["usage"] and "no BLE sync transport" in p.stderr
