@@ -12,7 +12,9 @@ The host column is the `cryptography` package on CPython for the same operation.
 The provisioning table times the USB provisioning station (host/provision.py) against a simulated device over its
 pseudo-terminal at 115200 baud, without flashing, and counts the serial bytes.
 Then the sealed sync (tests/bench_sync.py): records per second from a simulated device straight to the backend over
-loopback HTTP, the time until the other device shows the status when both are online, and the sync client's heap.
+loopback HTTP, the time until the other device shows the status when both are online, and the sync client's heap;
+then the same over USB serial (tests/bench_sync_serial.py): the apps running, host/sync_bridge.py's relay on the
+simulated USB-UART bridge's pseudo-terminal at 115200 baud.
 The last table is the settlement backend's (tests/bench_backend.py): settled payments per second through its HTTP
 API on SQLite and PostgreSQL beside the machine's P-256 verification limit.
 """
@@ -476,8 +478,10 @@ def main() -> int:
     run_ops("\n== QR code and screens (MicroPython unix port)", ui_ops(), rows)
     from tests.bench_backend import run_backend
     from tests.bench_sync import run_sync
+    from tests.bench_sync_serial import run_serial
 
     run_sync(rows)
+    run_serial(rows)
     run_backend(rows)
     out = fwbuild.ROOT / "build" / "bench.json"
     out.write_text(json.dumps(rows, indent=2))

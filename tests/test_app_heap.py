@@ -41,6 +41,20 @@ def test_two_devices_pay_across_processes(images, tmp_path):
         assert not {"paytoken.provisioning", "paytoken.usb.service", "paytoken.usb.frames"} & set(r["modules"][role])
 
 
+SYNC_MODULES = {"paytoken.sync_usb", "paytoken.sync_client", "paytoken.syncwire", "paytoken.usb.service",
+                "paytoken.usb.frames", "paytoken.provisioning"}
+
+
+def test_usb_watched_while_paying_loads_nothing_of_sync(images, tmp_path):
+    # Each device's USB serial on a bridge: the app watches it for a sync relay, and pays within its budget with
+    # nothing of sync or of the USB service loaded (they load only when a relay talks, and leave again).
+    r = run_pair(images, tmp_path / "run", payer_heap=HEAP_MPY, payee_heap=HEAP_MPY, usb=True)
+    assert r["ok"], r["story"]
+    for role in ("payer", "payee"):
+        assert "paytoken.app.usbwatch" in r["modules"][role]  # the watcher ran beside the app
+        assert not SYNC_MODULES & set(r["modules"][role])
+
+
 def test_each_role_pays_within_its_heap_budget(images, tmp_path):
     r = run_pair(images, tmp_path / "run", payer_heap=HEAP_MPY, payee_heap=HEAP_MPY)
     assert r["ok"], r["story"]

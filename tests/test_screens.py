@@ -108,6 +108,7 @@ SAMPLES = {
     "payer_working": ("payer_working", "Connecting..."),
     "payer_unconfirmed": ("payer_unconfirmed", 10000, USD),
     "unprovisioned": ("unprovisioned", "store: cert.bin missing"),
+    "sync_status": ("sync_status", "settled 1, pending 2"),
 }
 
 # Worst cases for fitting: the largest amounts, the longest reason names, an unknown code, long lists.

@@ -69,10 +69,11 @@ DAY = 86_400
 
 
 class StationError(Exception):
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, status: int | None = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.status = status  # the device's response status, when it refused
 
     @property
     def exit_code(self) -> int:
@@ -148,7 +149,8 @@ def answer(status: int, body: bytes) -> bytes:
     if status == frames.OK:
         return body
     kind = {frames.E_LOCKED: "locked"}.get(status, "device")
-    raise StationError(kind, f"device refused: {frames.ERRORS.get(status, status)}: {body.decode(errors='replace')}")
+    raise StationError(kind, f"device refused: {frames.ERRORS.get(status, status)}: {body.decode(errors='replace')}",
+                       status)
 
 
 class SerialLink:

@@ -109,8 +109,10 @@ class Side:
 
 
 def run_pair(images: Images, work: Path, payer_heap: str = "2M", payee_heap: str = "2M",
-             display_png: bool = False, micropython: str | None = None, romfs: bool = False) -> dict:
-    """One payment between two processes. Returns {"ok": bool, "payer": heap left allocated at the end or None if
+             display_png: bool = False, micropython: str | None = None, romfs: bool = False,
+             usb: bool = False) -> dict:
+    """One payment between two processes (usb: each with its USB serial on a simulated USB-UART bridge, which
+    the app watches for a sync relay). Returns {"ok": bool, "payer": heap left allocated at the end or None if
     it failed, "payee": ..., "events": {...}, "log": {...}, "modules": {...}}."""
     if work.exists():
         shutil.rmtree(work)
@@ -124,10 +126,17 @@ def run_pair(images: Images, work: Path, payer_heap: str = "2M", payee_heap: str
     payee_env = {"PAYTOKEN_SIM_FLASH": str(work / "payee.img")}
     if display_png:
         payee_env["PAYTOKEN_SIM_DISPLAY"] = str(work / "payee.png")
+    payer_env = {"PAYTOKEN_SIM_FLASH": str(work / "payer.img"), "PAYTOKEN_SIM_SCANNER": str(work / "scanner"),
+                 "PAYTOKEN_SIM_BUTTONS": str(work / "buttons")}
+    bridges = []
+    if usb:
+        from paytoken_host.simusb import UsbBridge
+
+        for env in (payee_env, payer_env):
+            bridges.append(UsbBridge())
+            env["PAYTOKEN_SIM_USB"] = bridges[-1].address
     payee = Side("payee", payee_heap, payee_env, air, micropython, romfs)
-    payer = Side("payer", payer_heap, {"PAYTOKEN_SIM_FLASH": str(work / "payer.img"),
-                                       "PAYTOKEN_SIM_SCANNER": str(work / "scanner"),
-                                       "PAYTOKEN_SIM_BUTTONS": str(work / "buttons")}, air, micropython, romfs)
+    payer = Side("payer", payer_heap, payer_env, air, micropython, romfs)
     events: dict[str, dict | None] = {}
     try:
         events["qr"] = qr = payee.event("qr")
@@ -155,6 +164,8 @@ def run_pair(images: Images, work: Path, payer_heap: str = "2M", payee_heap: str
     finally:
         payer.kill()
         payee.kill()
+        for b in bridges:
+            b.close()
     ok = all(events.get(k) for k in ("payer_paid", "payee_paid")) and None not in peaks.values()
     story = "\n".join(f"{d.role}: {ln}" for d in (payee, payer) for ln in d.lines[-12:])
     return {"ok": ok, **peaks, "events": events, "log": {"payer": payer.lines, "payee": payee.lines}, "story": story,

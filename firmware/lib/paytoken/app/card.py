@@ -48,6 +48,7 @@ class Card:
         self.scanner = scanner
         self.log = log
         self.handled = 0
+        self.busy = False  # a payment under way: the USB watcher answers a sync relay E_BUSY
 
     async def run(self, sessions=None):
         w = self.wallet
@@ -56,10 +57,12 @@ class Card:
             try:
                 text = await self.scan()
                 self.handled += 1
+                self.busy = True
                 await self.pay(text)
             except Exception as e:  # nothing escapes the loop: log, show, carry on
                 self.log("error", "kind=%s" % type(e).__name__)
                 self.screen.show("payer_declined", reasons.ERROR)
+            self.busy = False
             self.keys.clear()
             await self.keys.next(RESULT_MS)
 

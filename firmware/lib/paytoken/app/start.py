@@ -12,6 +12,8 @@
 #       service when asked at power-on (usb.service_requested(): a button held), where it answers IDENTIFY only.
 #   open_device(root) -> (store.Device, Trust, Wallet); StoreError when the store is incomplete or wrong.
 #   transport(app)    the BLE transport from paytoken.ble (its own module), None when the build has none.
+#   While the app runs, a board with a USB serial link has its port watched for a sync relay
+#   (paytoken.app.usbwatch: sync over USB between payments, nothing of it loaded while paying).
 import asyncio
 import sys
 
@@ -104,6 +106,7 @@ def run(board, make_transport=None, sessions=None, out=None):
         log("EVENT device halted why=storage")
         screen.show("unprovisioned", "storage: " + str(e))
         return None
+    port = usb_port(usb, log, dev.name)
     usb = None
     forget("paytoken.drivers.esp32_usb")  # nothing of the USB service stays on the payment path
     t = (make_transport or transport)(dev.app)
@@ -112,5 +115,29 @@ def run(board, make_transport=None, sessions=None, out=None):
         screen.show("unprovisioned", "no BLE transport in this build")
         return None
     app = build(board, dev, trust, wallet, t, screen, out)
-    asyncio.run(app.run(sessions))
+    asyncio.run(_main(app, sessions, port, wallet, dev, screen, Log(dev.name, out)))
     return app
+
+
+def usb_port(usb, log, name):
+    # The USB serial port the app watches for a sync relay (paytoken.app.usbwatch); None without one.
+    if usb is None:
+        return None
+    try:
+        return usb.port()
+    except OSError as e:  # the simulator's bridge is not there
+        log("EVENT %s usb port=none why=%s" % (name, e))
+        return None
+
+
+async def _main(app, sessions, port, wallet, dev, screen, log):
+    if port is not None and dev.backend_kx is not None:
+        from paytoken.app.usbwatch import UsbWatch
+
+        watch = asyncio.create_task(UsbWatch(port, app, wallet, dev.backend_kx, screen, log).run())
+        try:
+            await app.run(sessions)
+        finally:
+            watch.cancel()
+    else:
+        await app.run(sessions)

@@ -49,6 +49,7 @@ class Terminal:
         self.amount = amount  # requested per sale in minor units; None: the payer enters it
         self.qr_amount = qr_amount
         self.served = 0
+        self.busy = False  # a payer connected: the USB watcher answers a sync relay E_BUSY
 
     async def run(self, sessions=None):
         self.log("start", "id=%s balance=%d currency=%d" % (hexs(self.wallet.device_id), self.wallet.balance,
@@ -101,9 +102,11 @@ class Terminal:
                 await asyncio.sleep_ms(PAUSE_MS)
             return
         self.served += 1
+        self.busy = True
         try:
             await self.serve(conn, qr_raw, amount)
         finally:
+            self.busy = False
             conn.close()
             self._stop()
         await asyncio.sleep_ms(RESULT_MS)

@@ -17,6 +17,7 @@
 #   ('payer_balance', balance, currency, last_payments)  last_payments: [(role, amount, state), ...] with
 #                                               role wire.ROLE_PAYER (money out) or ROLE_PAYEE (money in)
 #   ('unprovisioned', detail)                   no complete device store: the device does not pay
+#   ('sync_status', text)                       a sync over a relay ended: the recent payments' statuses
 #
 # fb is the display driver's framebuf.FrameBuffer, monochrome: 1 = lit/light, 0 = dark (a colour driver
 # maps 1 to white). Only framebuf drawing calls and the built-in 8x8 font; text is scaled up by whole
@@ -312,6 +313,11 @@ def unprovisioned(fb, w, h, detail):
     _stack(fb, 0, w, top, h, [("Device not provisioned", kt, 2), (detail, 1, 3)], 1)
 
 
+def sync_status(fb, w, h, text):
+    top, kt, _ = _frame(fb, w, h, "SYNCED")
+    _stack(fb, 0, w, top, h, [(text, kt, 3)], 1)
+
+
 def payer_balance(fb, w, h, balance, currency, last):
     top, kt, kb = _frame(fb, w, h, "BALANCE")
     s = money(balance, currency)
@@ -358,6 +364,7 @@ _SCREENS = {
     "payer_working": (payer_working, 1, 1),
     "payer_unconfirmed": (payer_unconfirmed, 2, 2),
     "unprovisioned": (unprovisioned, 1, 1),
+    "sync_status": (sync_status, 1, 1),
 }
 NAMES = tuple(sorted(_SCREENS))
 

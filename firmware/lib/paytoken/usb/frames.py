@@ -22,17 +22,20 @@ except ImportError:  # CPython: the host station imports this module too
 MAGIC = b"PT"
 VERSION = const(1)
 HEADER = const(6)
-MAX_PAYLOAD = const(1024)
+MAX_PAYLOAD = const(4096)  # a sealed sync message 1 of four records is about 2 KB
 RESPONSE = const(0x80)
 T_BAD_FRAME = const(0xFF)
 
 # Requests (the response is type | RESPONSE). 0x01-0x0f provisioning (paytoken.provisioning);
-# 0x10-0x1f are kept for sync over USB (issue 9).
+# 0x10-0x1f sync over USB (paytoken.sync_usb).
 T_IDENTIFY = const(0x01)
 T_KEYS = const(0x02)
 T_INSTALL = const(0x03)
 T_VOUCHER = const(0x04)
 T_FINALISE = const(0x05)
+T_SYNC_PULL = const(0x10)
+T_SYNC_PUSH = const(0x11)
+T_SYNC_STATUS = const(0x12)
 
 # Response status codes
 OK = const(0)
@@ -43,9 +46,11 @@ E_STATE = const(4)  # not now: a step before this one is missing
 E_LOCKED = const(5)  # the device is finalised: provisioning is over
 E_REFUSED = const(6)  # a certificate, key or voucher that does not check
 E_DEVICE = const(7)  # the device failed (storage)
+E_BUSY = const(8)  # a payment is under way: ask again after it
+E_SYNC = const(9)  # the backend refused the device's sync (final for this sync; the message says why)
 
 ERRORS = {E_FRAME: "bad frame", E_UNKNOWN: "unknown request", E_REQUEST: "bad request", E_STATE: "wrong state",
-          E_LOCKED: "locked", E_REFUSED: "refused", E_DEVICE: "device error"}
+          E_LOCKED: "locked", E_REFUSED: "refused", E_DEVICE: "device error", E_BUSY: "busy", E_SYNC: "sync refused"}
 
 
 POP_LABEL = b"paytoken/provisioning/pop/v1"

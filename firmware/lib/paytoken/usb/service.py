@@ -6,6 +6,7 @@
 # Provisioning (paytoken.provisioning) registers now; sync over USB (issue 9) registers its own types.
 #
 #   svc = Service(port); svc.register(handler); svc.serve() -> the stopping handler's value, or "closed"
+#   svc.serve_one(idle_ms) -> None (one request answered, or none came), else as serve() (the app's USB watcher)
 # port: read(n, ms) -> 1..n bytes or b"" after ms (-1: for ever), raises EOFError when the link is gone;
 # write(data). A bad frame gets a T_BAD_FRAME response (status E_FRAME, the reason); a frame cut off
 # mid-way (the station went away) is dropped silently.
@@ -33,32 +34,36 @@ class Service:
             self.handlers[t] = handler
 
     def serve(self):
-        port = self.port
         while True:
-            try:
-                got = frames.read_frame(port, -1, self.byte_ms)
-            except frames.FrameError as e:
-                if e.reason != "truncated":
-                    port.write(frames.response(frames.T_BAD_FRAME, frames.E_FRAME, e.reason.encode()))
-                continue
-            except EOFError:
-                return "closed"
-            if got is None:
-                continue
-            rtype, payload = got
-            self.requests += 1
-            handler = self.handlers.get(rtype)
-            if handler is None or rtype & frames.RESPONSE:
-                port.write(frames.response(rtype & 0x7F, frames.E_UNKNOWN, ("type %d" % rtype).encode()))
-                continue
-            try:
-                body = handler.handle(rtype, payload)
-                out = frames.response(rtype, frames.OK, body or b"")
-            except Error as e:
-                out = frames.response(rtype, e.code, e.msg.encode())
-            except (OSError, MemoryError) as e:
-                out = frames.response(rtype, frames.E_DEVICE, str(e).encode())
-            port.write(out)
-            stop = getattr(handler, "stop", None)
+            stop = self.serve_one(-1)
             if stop is not None:
                 return stop
+
+    def serve_one(self, idle_ms):
+        # One request: None when nothing came within idle_ms or after a response (go on), else serve()'s value.
+        port = self.port
+        try:
+            got = frames.read_frame(port, idle_ms, self.byte_ms)
+        except frames.FrameError as e:
+            if e.reason != "truncated":
+                port.write(frames.response(frames.T_BAD_FRAME, frames.E_FRAME, e.reason.encode()))
+            return None
+        except EOFError:
+            return "closed"
+        if got is None:
+            return None
+        rtype, payload = got
+        self.requests += 1
+        handler = self.handlers.get(rtype)
+        if handler is None or rtype & frames.RESPONSE:
+            port.write(frames.response(rtype & 0x7F, frames.E_UNKNOWN, ("type %d" % rtype).encode()))
+            return None
+        try:
+            body = handler.handle(rtype, payload)
+            out = frames.response(rtype, frames.OK, body or b"")
+        except Error as e:
+            out = frames.response(rtype, e.code, e.msg.encode())
+        except (OSError, MemoryError) as e:
+            out = frames.response(rtype, frames.E_DEVICE, str(e).encode())
+        port.write(out)
+        return getattr(handler, "stop", None)
