@@ -17,4 +17,10 @@ start.forget("paytoken.crypto.selftest")
 # Runs the payer or payee app for ever; returns only when the device cannot pay (no radio: the screen says
 # why), or from the USB provisioning service of an unprovisioned device (after finalise the board resets and
 # boots into its app; the simulator's process ends here and the harness starts it again).
-start.run(board)
+try:
+    start.run(board)
+finally:
+    # A finalised device never hands over the REPL (docs/security.md, "The lock, the wipe and the REPL"): an
+    # unprovisioned one does, so that `make deploy` and provisioning can reach it.
+    if start.finalised(board):
+        board.halt()

@@ -35,6 +35,19 @@ def test_main_runs_self_test_then_reports_an_unprovisioned_device(tmp_path: Path
     proc = run_main(PAYTOKEN_SIM_FLASH=str(tmp_path / "blank.img"))  # formatted, empty
     assert proc.returncode == 0, proc.stderr
     assert "EVENT device halted why=unprovisioned file=identity.key kind=missing" in proc.stdout
+    assert "repl=locked" not in proc.stdout  # an unprovisioned device leaves the REPL to deploy and provisioning
+
+
+def test_a_finalised_device_that_stops_never_reaches_the_repl(tmp_path: Path):
+    # provisioned and finalised, but no radio here (no broker): the app cannot start, and main.py hands the
+    # board to halt() instead of returning to the REPL (on an ESP32: Ctrl-C off, asleep until the power goes)
+    auth = Authority()
+    image = tmp_path / "card.img"
+    provision(image, auth, auth.device(wire.ROLE_PAYER), config={"name": "card-1"}, firmware=FIRMWARE_BUILD)
+    proc = run_main(PAYTOKEN_SIM_FLASH=str(image))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("EVENT")]
+    assert lines[-2:] == ["EVENT card-1 halted why=transport", "EVENT device halted repl=locked"], proc.stdout
 
 
 def test_main_opens_a_provisioned_store_and_starts_its_app(tmp_path: Path):

@@ -5,6 +5,7 @@
 #   buttons(callback, settle_ms, long_ms)  -> paytoken.drivers.buttons.Buttons; app calls poll() often
 #   scanner()                              -> paytoken.drivers.scanner.Scanner on machine.UART
 #   storage()                              -> "/": the data root, the firmware's LittleFS (mounted at boot)
+#   halt()                                 a provisioned device stopped: never the REPL (no Ctrl-C, sleep)
 #   usb()                                  -> paytoken.drivers.esp32_usb.Usb: the USB service's needs (serial
 #                                             port, button held at power-on, RNG entropy, reset)
 # Drivers are imported when first asked for, so a build that never scans never loads the scanner code.
@@ -45,6 +46,10 @@ def scanner():
 
 def storage():
     return board_common.storage()
+
+
+def halt():
+    board_common.halt()
 
 
 def usb():

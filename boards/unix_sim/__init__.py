@@ -5,6 +5,7 @@
 #   buttons(callback, settle_ms, long_ms)  -> SimButtons: press(name, ...) from the harness
 #   scanner()                              -> SimScanner: the real Scanner driver on a simulated UART module
 #   storage(image=None, mount="/flash")    -> the data root: a host image file mounted with LittleFS v2
+#   halt()                                 a provisioned device stopped: says so (ESP32: no REPL, sleep)
 #   network()                              -> the backend's URL when the simulator is online (Wi-Fi)
 #   usb()                                  -> SimUsb (board.simusb): the USB serial link, None without PAYTOKEN_SIM_USB
 #   flash.FlashDevice                      emulated NOR flash (board.flash)
@@ -76,6 +77,12 @@ def usb():
 
 
 _mounted = {}  # mount point -> (image path, block device)
+
+
+def halt():
+    # The ESP32 boards sleep for ever with Ctrl-C off (board_common.halt): no REPL for a provisioned device.
+    # Here the process ends instead, as a power-off would, and says so.
+    print("EVENT device halted repl=locked")
 
 
 def storage(image=None, mount="/flash", block_count=256):

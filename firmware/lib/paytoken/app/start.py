@@ -119,6 +119,14 @@ def run(board, make_transport=None, sessions=None, out=None):
     return app
 
 
+def finalised(board):
+    # True when the device's store holds the provisioning lock: it must then never reach the REPL.
+    try:
+        return store.exists(store.path(board.storage(), "store", store.FINAL))
+    except OSError:
+        return False
+
+
 def usb_port(usb, log, name):
     # The USB serial port the app watches for a sync relay (paytoken.app.usbwatch); None without one.
     if usb is None:

@@ -36,3 +36,16 @@ def storage():
     # The data root on the ESP32 boards: MicroPython mounts the flash's LittleFS v2 at "/" before boot.py,
     # so the store and the ledger live beside the firmware (paytoken.store: /store/, /ledger/).
     return "/"
+
+
+def halt():
+    # A provisioned device that stops (it cannot pay, or its app failed) must not fall into the REPL, where its
+    # keys and ledger could be read or changed: Ctrl-C off, then sleep until the power goes. esptool still
+    # reaches the ROM bootloader (reset lines), which is the documented full wipe (docs/security.md).
+    import time
+
+    import micropython
+
+    micropython.kbd_intr(-1)
+    while True:
+        time.sleep(3600)
