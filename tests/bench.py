@@ -11,6 +11,8 @@ smaller on the 32-bit ESP32 (4-byte pointers, 16-byte blocks).
 The host column is the `cryptography` package on CPython for the same operation.
 The provisioning table times the USB provisioning station (host/provision.py) against a simulated device over its
 pseudo-terminal at 115200 baud, without flashing, and counts the serial bytes.
+Then the sealed sync (tests/bench_sync.py): records per second from a simulated device straight to the backend over
+loopback HTTP, the time until the other device shows the status when both are online, and the sync client's heap.
 The last table is the settlement backend's (tests/bench_backend.py): settled payments per second through its HTTP
 API on SQLite and PostgreSQL beside the machine's P-256 verification limit.
 """
@@ -473,7 +475,9 @@ def main() -> int:
     run_ledger(rows)
     run_ops("\n== QR code and screens (MicroPython unix port)", ui_ops(), rows)
     from tests.bench_backend import run_backend
+    from tests.bench_sync import run_sync
 
+    run_sync(rows)
     run_backend(rows)
     out = fwbuild.ROOT / "build" / "bench.json"
     out.write_text(json.dumps(rows, indent=2))

@@ -71,7 +71,7 @@ def test_a_host_payer_built_on_bleak_pays_a_simulated_terminal(broker: BrokerThr
 
         # 1: the command line pays $100.00 and prints the receipt
         proc = subprocess.run(
-            [sys.executable, "-m", "paytoken_host.hostpayer", "--qr", text, "--key", str(files["key"]),
+            [sys.executable, "-m", "paytoken_host.hostpayer", f"--qr={text}", "--key", str(files["key"]),
              "--cert", str(files["cert"]), "--issuer", str(files["issuer"]), "--amount", "100.00",
              "--backend", "sim", "--radio", broker.address, "--json"],
             capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -214,6 +214,7 @@ class HandshakeState:
         self._s = s
         self._spub = s_pub
         self._e = e
+        self._epub = None
         self.rs = rs
         self.re = None
         self._c = None
@@ -254,6 +255,17 @@ class HandshakeState:
         if self._spub is None:
             self._spub = x25519.public_key(self._s)
         return self._spub
+
+    def ephemeral_public(self):
+        # The public key of e, drawn now if the first message has not drawn it yet: a payload may name it (the
+        # sync client binds its signed request to the handshake this way) without a second X25519.
+        if self._dead:
+            raise _dead()
+        if self._e is None:
+            self._e = rand.random_bytes(_DHLEN)
+        if self._epub is None:
+            self._epub = x25519.public_key(self._e)
+        return self._epub
 
     def _fail(self, ex):
         # Wipe what could still derive keys; h is public transcript and stays readable.
@@ -297,9 +309,7 @@ class HandshakeState:
             out = []
             for t in self._msgs[self._i].split():
                 if t == "e":
-                    if self._e is None:
-                        self._e = rand.random_bytes(_DHLEN)
-                    pub = x25519.public_key(self._e)
+                    pub = self.ephemeral_public()
                     out.append(pub)
                     ss.mix_hash(pub)
                 elif t == "s":

@@ -6,13 +6,7 @@
 # before its signature leaves (commit_payment), the payee's credit before its receipt leaves
 # (commit_receipt). Vouchers, acknowledgements and statuses count only when the backend signed them.
 #
-# Ledger records (first byte = kind), kept small so that 5,000 payments fit in 1 MB of flash:
-#   SENT    payee_id 8, amount u32, qr_nonce 8, handshake_hash 32, time u32, payment_hash 32
-#           (the rest of the payment is derived: txid, own id, currency, counter, offline spending,
-#           previous hash; the signature is deterministic, recomputed when the payment is uploaded)
-#   RESULT  status u8, payee_seq u32, time u32, payee signature 64: the receipt of the last SENT
-#   RCVD    the payer's payment without type, version, txid and payee id; receipt status u8, time u32
-#   VOUCHER / ACK / STATUS   the backend's signed message as received; STATUS adds role u8, amount u32
+# Ledger records: their layouts are paytoken.wire's (K_SENT ... K_STATUS, LEDGER_*), shared with the backend.
 import struct
 from array import array
 
@@ -21,13 +15,7 @@ from paytoken.crypto import p256
 from paytoken.ledger import Ledger
 from paytoken.reasons import Refused
 from paytoken.trust import payment_hash
-
-K_SENT = 1
-K_RESULT = 2
-K_RCVD = 3
-K_VOUCHER = 4
-K_ACK = 5
-K_STATUS = 6
+from paytoken.wire import K_ACK, K_RCVD, K_RESULT, K_SENT, K_STATUS, K_VOUCHER
 
 ZERO_HASH = bytes(wire.HASH_LEN)
 _NONCE_MEMORY = 16  # QR nonces remembered against a payer paying one QR twice
@@ -40,11 +28,11 @@ VOIDED = "voided"  # refused by the payee with a signed receipt: the money came 
 RECEIVED = "received"  # payee: credited, receipt sent
 REFUSED = "refused"  # payee: refused, signed refusal sent
 
-_SENT = ">8sI8s32sI32s"
-_RESULT = ">BII64s"
-_RCVD = ">8sIHII32s8s32sI64sBI"
-_RCVD_STATUS = 162  # offset of the receipt status in a RCVD body
-_SNAP = ">iI32sIIIIIB"
+_SENT = wire.LEDGER_SENT
+_RESULT = wire.LEDGER_RESULT
+_RCVD = wire.LEDGER_RCVD
+_RCVD_STATUS = wire.RCVD_STATUS
+_SNAP = wire.LEDGER_SNAPSHOT
 
 
 class Wallet:
@@ -144,7 +132,7 @@ class Wallet:
         elif kind == K_STATUS:
             n = len(body)
             st = wire.decode_status(body[:n - 5])
-            role, amount = struct.unpack(">BI", body[n - 5:])
+            role, amount = struct.unpack(wire.LEDGER_STATUS_SUFFIX, body[n - 5:])
             self._saw_time(st.issued_at)
             if role == wire.ROLE_PAYER:
                 counter = self._counter_of(st.txid)
@@ -281,11 +269,11 @@ class Wallet:
 
         return wallet_sync.history(self, limit)
 
-    def compact(self):
-        # Drops records the backend acknowledged; True if it did.
+    def compact(self, keep=0):
+        # Drops records the backend acknowledged (all but the newest `keep` payments); True if it did.
         from paytoken import wallet_sync
 
-        return wallet_sync.compact(self)
+        return wallet_sync.compact(self, keep)
 
     def _load_revocation(self):
         try:

@@ -169,43 +169,85 @@ def history(w, limit=None):
     return out
 
 
+def signed_records(w, start=0, end=None):
+    # (seq, payload, payment or None, receipt or None) for every ledger record from `start` to `end` (still in
+    # the ledger; end None: to the head), oldest first: what an upload carries (docs/protocol.md section 10). The
+    # ledger keeps signed objects only in part: a SENT record's payment is rebuilt from it and the state before it
+    # and signed again (RFC 6979 signatures are deterministic: the same bytes), a RESULT record's receipt is
+    # rebuilt around the payee's signature, a RCVD record gives the payer's payment and our receipt, signed again.
+    # Records before `start` are only replayed, never signed. The payload is a view into a reused buffer: copy it
+    # to keep it. ValueError if a rebuilt payment is not the one recorded.
+    r = _Replica(w)
+    records = w.ledger.records(w.ledger.base_seq + 1)
+    try:
+        yield from _signed(w, r, records, start, end)
+    finally:
+        records.close()  # its file closes now, also when the caller stops early
+
+
+def _signed(w, r, records, start, end):
+    sent_hash = None  # payment hash of the last SENT, until its RESULT
+    for seq, payload in records:
+        if end is not None and seq > end:
+            return
+        kind = payload[0]
+        payment = receipt = None
+        if kind == K_SENT:
+            payee_id, amount, nonce, hs, time, sent_hash = struct.unpack_from(_SENT, payload, 1)
+            if seq >= start:
+                counter = r.counter + 1
+                payment = w.sign(wire.payment_body(wire.txid(w.device_id, counter), w.device_id, payee_id, amount,
+                                                   w.cert.currency, counter, r.offline_spent, r.prev_hash, nonce,
+                                                   hs, time))
+                if payment_hash(payment) != sent_hash:
+                    raise ValueError("ledger record %d: rebuilt payment differs" % seq)
+        elif kind == K_RESULT and sent_hash is not None:
+            if seq >= start:
+                status, payee_seq, time, sig = struct.unpack_from(_RESULT, payload, 1)
+                receipt = wire.receipt_body(sent_hash, status, payee_seq, time) + sig
+            sent_hash = None
+        elif kind == K_RCVD and seq >= start:
+            f = struct.unpack_from(_RCVD, payload, 1)
+            payment = w._rcvd_payment(f)
+            receipt = w.sign(wire.receipt_body(payment_hash(payment), f[10], r.seq + 1, f[11]))
+        r._apply(seq, payload)
+        if seq >= start:
+            yield seq, payload, payment, receipt
+
+
 def signed_payments(w):
     # (role, payment, receipt or None) for every payment still in the ledger, oldest first: the exact bytes
-    # both devices signed, which the ledger keeps only in part. The payer's payment is rebuilt from its SENT
-    # record and the state before it, and signed again (RFC 6979 signatures are deterministic: the same
-    # bytes); the payee's receipt likewise. ValueError if a rebuilt payment is not the one recorded.
-    r = _Replica(w)
+    # both devices signed (signed_records, paired per payment).
     sent = None  # the payer's last payment, until its RESULT
-    for seq, payload in w.ledger.records(w.ledger.base_seq + 1):
+    for _, payload, payment, receipt in signed_records(w):
         kind = payload[0]
         if kind == K_SENT:
             if sent is not None:
                 yield wire.ROLE_PAYER, sent, None  # sent-unconfirmed: no receipt came
-            payee_id, amount, nonce, hs, time, phash = struct.unpack_from(_SENT, payload, 1)
-            counter = r.counter + 1
-            sent = w.sign(wire.payment_body(wire.txid(w.device_id, counter), w.device_id, payee_id, amount,
-                                            w.cert.currency, counter, r.offline_spent, r.prev_hash, nonce, hs,
-                                            time))
-            if payment_hash(sent) != phash:
-                raise ValueError("ledger record %d: rebuilt payment differs" % seq)
+            sent = payment
         elif kind == K_RESULT and sent is not None:
-            status, payee_seq, time, sig = struct.unpack_from(_RESULT, payload, 1)
-            yield wire.ROLE_PAYER, sent, wire.receipt_body(payment_hash(sent), status, payee_seq, time) + sig
+            yield wire.ROLE_PAYER, sent, receipt
             sent = None
         elif kind == K_RCVD:
-            f = struct.unpack_from(_RCVD, payload, 1)
-            payment = w._rcvd_payment(f)
-            yield wire.ROLE_PAYEE, payment, w.sign(wire.receipt_body(payment_hash(payment), f[10], r.seq + 1,
-                                                                      f[11]))
-        r._apply(seq, payload)
+            yield wire.ROLE_PAYEE, payment, receipt
     if sent is not None:
         yield wire.ROLE_PAYER, sent, None
 
 
-def compact(w):
-    # Drops records the backend acknowledged, up to the first payment still without an outcome,
-    # keeping the acknowledgement and the state at that point as the ledger's checkpoint.
+def compact(w, keep=0):
+    # Drops records the backend acknowledged, up to the first payment still without an outcome and before the
+    # newest `keep` payments (the screen's recent history), keeping the acknowledgement and the state at that
+    # point as the ledger's checkpoint.
     upto = w.acked_seq
+    if keep:
+        recent = []  # ledger seqs of the newest `keep` payments
+        for seq, payload in w.ledger.records(w.ledger.base_seq + 1):
+            if payload[0] in (K_SENT, K_RCVD):
+                recent.append(seq)
+                if len(recent) > keep:
+                    recent.pop(0)
+        if recent and recent[0] <= upto:
+            upto = recent[0] - 1
     for seq, _ in w._open.values():
         if seq <= upto:
             upto = seq - 1

@@ -391,3 +391,29 @@ def decode_status(data):
     if st.status not in (ST_SETTLED, ST_REJECTED, ST_REFUNDED):
         raise WireError("status: unknown value")
     return st
+
+
+# ---- ledger records (the wallet's: paytoken/wallet.py; the backend reads them in uploads) ----
+# A record's payload is a kind byte and the layout of its kind, kept small so that 5,000 payments fit in 1 MB:
+#   SENT    payee_id 8, amount u32, qr_nonce 8, handshake_hash 32, time u32, payment_hash 32
+#           (the rest of the payment is derived: txid, own id, currency, counter, offline spending,
+#           previous hash; the signature is deterministic, recomputed when the payment is uploaded)
+#   RESULT  receipt status u8, payee_seq u32, time u32, payee signature 64: the receipt of the last SENT
+#   RCVD    the payer's payment without type, version, txid and payee id (payer_id, amount, currency, counter,
+#           offline_spent, prev_hash, nonce, handshake_hash, time, payer signature); receipt status u8, time u32
+#   VOUCHER / ACK / STATUS   the backend's signed message as received; STATUS adds role u8, amount u32
+# A compacted ledger's checkpoint is the wallet's state at its base (LEDGER_SNAPSHOT, then the QR nonces it
+# remembers, 8 bytes each).
+K_SENT = const(1)
+K_RESULT = const(2)
+K_RCVD = const(3)
+K_VOUCHER = const(4)
+K_ACK = const(5)
+K_STATUS = const(6)
+LEDGER_SENT = ">8sI8s32sI32s"
+LEDGER_RESULT = ">BII64s"
+LEDGER_RCVD = ">8sIHII32s8s32sI64sBI"
+RCVD_STATUS = const(162)  # offset of the receipt status in a RCVD record after its kind byte
+LEDGER_STATUS_SUFFIX = ">BI"  # role, amount
+LEDGER_SNAPSHOT = ">iI32sIIIIIB"  # balance, counter, prev_hash, offline_spent, seq, voucher_counter, acked_seq,
+# known_time, number of nonces

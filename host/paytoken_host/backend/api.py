@@ -4,6 +4,7 @@ Every refusal is a JSON body {"error": reason} with a 4xx status."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -12,15 +13,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
 
-from paytoken_host.backend import auth, db, outbox
+from paytoken_host.backend import auth, db, outbox, sealed
 from paytoken_host.backend.config import Config
 from paytoken_host.backend.keys import load_key_file, passphrase_from_env
 from paytoken_host.backend.service import Backend
 from paytoken_host.backend.verify import Reject
+
+SEALED = "application/octet-stream"
+WAKE_MAX = 60.0  # seconds a wake-up long-poll may be held
+WAKE_POLL = 0.25  # seconds between looks at the database while one is held (every worker sees every upload)
 
 
 class RegisterIn(BaseModel):
@@ -130,23 +136,51 @@ def create_app(backend: Backend | None = None, config: Config | None = None) -> 
 
     uploads = APIRouter(prefix="/v1", tags=["uploads"])
 
-    @uploads.post("/uploads")
-    async def upload(request: Request) -> JSONResponse:
+    async def bounded_body(request: Request, limit: int, what: str) -> bytes:
+        """The request's body, refused with 413 beyond `limit` bytes (before reading it all), rate-counted."""
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_upload_bytes):
-            raise Reject(413, f"upload larger than {config.max_upload_bytes} bytes")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise Reject(413, f"{what} larger than {limit} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > config.max_upload_bytes:
-                raise Reject(413, f"upload larger than {config.max_upload_bytes} bytes")
+            if size > limit:
+                raise Reject(413, f"{what} larger than {limit} bytes")
             chunks.append(chunk)
         client = request.client.host if request.client else "unknown"
-        from starlette.concurrency import run_in_threadpool
-
         await run_in_threadpool(be.check_rate, client)
-        status, result = await run_in_threadpool(be.upload, b"".join(chunks))
+        return b"".join(chunks)
+
+    @uploads.post("/uploads")
+    async def upload(request: Request) -> JSONResponse:
+        body = await bounded_body(request, config.max_upload_bytes, "upload")
+        status, result = await run_in_threadpool(be.upload, body)
         return JSONResponse(result, status_code=status)
+
+    @uploads.post("/sync", response_class=Response, responses={200: {"content": {SEALED: {}}}})
+    async def sync(request: Request) -> Response:
+        """A sealed sync exchange: the body is the device's Noise message 1, the answer its message 2
+        (application/octet-stream both ways; docs/protocol.md section 10). 400 in clear when message 1 is not a
+        handshake to this backend's key; every other outcome is inside message 2."""
+        body = await bounded_body(request, sealed.MAX_MESSAGE, "sync message")
+        return Response(await run_in_threadpool(be.sync, body), media_type=SEALED)
+
+    @uploads.get("/wake/{token}")
+    async def wake(token: str, since: int = Query(default=0, ge=0, lt=2**32),
+                   wait: float = Query(default=25, ge=0, le=WAKE_MAX)) -> dict:
+        """Long-poll for a relay that stays with a device: held until the device has news after status cursor
+        `since` or `wait` seconds pass. {"wake": true, "cursor": n} means: run a sealed exchange now. The token is
+        the one the device's last sealed answer gave it (docs/protocol.md section 10, "Wake-up")."""
+        device_id = sealed.wake_device(be, _hex_id(token, 16, "wake token"))
+        deadline = time.monotonic() + wait
+        while True:
+            cursor = await run_in_threadpool(be.news_since, device_id, since)
+            if cursor is not None:
+                return {"wake": True, "cursor": cursor}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"wake": False, "cursor": since}
+            await asyncio.sleep(min(WAKE_POLL, left))
 
     ops = APIRouter(prefix="/v1", tags=["operators"])
 

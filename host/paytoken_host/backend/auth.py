@@ -61,11 +61,7 @@ def device_request(conn: Connection, authorization: str | None, device_id: bytes
         req = F.decode_updates_request(bytes.fromhex(authorization[len("PaytokenDevice "):].strip()))
     except (ValueError, wire.WireError) as e:
         raise Reject(401, f"device request: {e}") from None
-    cert = cert_of(req.device_id)
-    if cert is None:
-        raise Reject(401, "device request: unknown device")
-    if not signed_by(cert.identity_pub, req.raw):
-        raise Reject(401, "device request: signature does not verify")
+    _signed_by_device(req, cert_of)
     if req.device_id != device_id:
         raise Reject(403, "a device may read only its own updates")
     if req.since != since:
@@ -79,4 +75,26 @@ def device_request(conn: Connection, authorization: str | None, device_id: bytes
                                                   expires_at=now + 2 * CLOCK_SKEW))
     except IntegrityError:
         raise Reject(401, "device request: nonce already used (replay)") from None
+    return req
+
+
+def _signed_by_device(req: F.UpdatesRequest, cert_of) -> None:
+    cert = cert_of(req.device_id)
+    if cert is None:
+        raise Reject(401, "device request: unknown device")
+    if not signed_by(cert.identity_pub, req.raw):
+        raise Reject(401, "device request: signature does not verify")
+
+
+def sealed_request(raw: bytes, ephemeral: bytes, cert_of) -> F.UpdatesRequest:
+    """A verified updates request from inside a sealed exchange: signed by its device, its nonce the first 16
+    bytes of the handshake's ephemeral key. No time or first-seen check: only that device's ephemeral key reads
+    the answer, so a replayed message 1 gains its sender nothing (docs/security.md, "Sealed sync")."""
+    try:
+        req = F.decode_updates_request(raw)
+    except wire.WireError as e:
+        raise Reject(400, f"device request: {e}") from None
+    _signed_by_device(req, cert_of)
+    if req.nonce != ephemeral[:16]:
+        raise Reject(401, "device request: not bound to this handshake (nonce is not its ephemeral key)")
     return req

@@ -5,8 +5,8 @@ full signed payment and receipt bytes each payment record stands for, and a devi
 the whole range (base seq and hash, last seq and chain hash). Everything in it is signed end to end, by the
 device, its counterparties or the backend, so the relay that carries it cannot alter it undetected.
 
-The ledger record layouts are the wallet's (firmware/lib/paytoken/wallet.py). The wallet module needs
-MicroPython's crypto core to import, so the layouts are repeated here and a test checks they are the wallet's.
+The ledger record layouts are the wallet's, defined once in paytoken.wire (the wallet module itself needs
+MicroPython's crypto core to import).
 """
 
 from __future__ import annotations
@@ -18,39 +18,32 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from paytoken import reasons, wire
+from paytoken import syncwire as S
 from paytoken.ledger import ZERO_HASH, Ledger
 
 FORMAT = "paytoken-sync/1"
 MAX_RECORDS = 2000  # records in one batch
 
-# ---- ledger record kinds and layouts (wallet.py) ----
-K_SENT = 1
-K_RESULT = 2
-K_RCVD = 3
-K_VOUCHER = 4
-K_ACK = 5
-K_STATUS = 6
-SENT_FMT = ">8sI8s32sI32s"  # payee_id, amount, qr_nonce, handshake_hash, time, payment_hash
-RESULT_FMT = ">BII64s"  # receipt status, payee_seq, time, payee signature
-RCVD_FMT = ">8sIHII32s8s32sI64sBI"  # payer_id, amount, currency, counter, offline_spent, prev_hash, nonce, hs,
-# time, payer signature, receipt status, receipt time
-STATUS_SUFFIX = ">BI"  # role, amount (after the backend's signed status)
-SNAP_FMT = ">iI32sIIIIIB"  # a compacted ledger's checkpoint: the wallet's state at its base
+# ---- ledger record kinds and layouts: the wallet's, from their one definition in paytoken.wire ----
+K_SENT, K_RESULT, K_RCVD, K_VOUCHER, K_ACK, K_STATUS = (
+    wire.K_SENT, wire.K_RESULT, wire.K_RCVD, wire.K_VOUCHER, wire.K_ACK, wire.K_STATUS)
+SENT_FMT = wire.LEDGER_SENT  # payee_id, amount, qr_nonce, handshake_hash, time, payment_hash
+RESULT_FMT = wire.LEDGER_RESULT  # receipt status, payee_seq, time, payee signature
+RCVD_FMT = wire.LEDGER_RCVD  # payer_id, amount, currency, counter, offline_spent, prev_hash, nonce, hs, time,
+# payer signature, receipt status, receipt time
+STATUS_SUFFIX = wire.LEDGER_STATUS_SUFFIX  # role, amount (after the backend's signed status)
+SNAP_FMT = wire.LEDGER_SNAPSHOT  # a compacted ledger's checkpoint: the wallet's state at its base
 _SENT_LEN = 1 + struct.calcsize(SENT_FMT)
 _RESULT_LEN = 1 + struct.calcsize(RESULT_FMT)
 _RCVD_LEN = 1 + struct.calcsize(RCVD_FMT)
 
-# ---- sync head (device-signed): binds an upload's range of the ledger ----
-# type 'H', version 1, device_id 8, base_seq u32, base_hash 32, upto_seq u32, chain_hash 32, signature 64
-T_SYNC_HEAD = 0x48
-_HEAD = ">BB8sI32sI32s"
-SYNC_HEAD_LEN = struct.calcsize(_HEAD) + wire.SIG_LEN
-
-# ---- updates request (device-signed): a device asking for its own updates ----
-# type 'U', version 1, device_id 8, since u32 (status cursor), time u32, nonce 16, signature 64
-T_UPDATES_REQUEST = 0x55
-_UREQ = ">BB8sII16s"
-UPDATES_REQUEST_LEN = struct.calcsize(_UREQ) + wire.SIG_LEN
+# ---- the device-signed sync formats: their one definition is paytoken.syncwire (the firmware's) ----
+T_SYNC_HEAD = S.T_SYNC_HEAD
+SYNC_HEAD_LEN = S.SYNC_HEAD_LEN
+T_UPDATES_REQUEST = S.T_UPDATES_REQUEST
+UPDATES_REQUEST_LEN = S.UPDATES_REQUEST_LEN
+sync_head_body = S.sync_head_body
+updates_request_body = S.updates_request_body
 
 
 class BatchError(ValueError):
@@ -67,22 +60,8 @@ class SyncHead:
     raw: bytes
 
 
-def sync_head_body(device_id: bytes, base_seq: int, base_hash: bytes, upto_seq: int, chain_hash: bytes) -> bytes:
-    if len(device_id) != 8 or len(base_hash) != 32 or len(chain_hash) != 32:
-        raise wire.WireError("sync head: bad field length")
-    return struct.pack(_HEAD, T_SYNC_HEAD, 1, device_id, base_seq, base_hash, upto_seq, chain_hash)
-
-
 def decode_sync_head(data: bytes) -> SyncHead:
-    data = bytes(data)
-    if len(data) < 2 or data[0] != T_SYNC_HEAD:
-        raise wire.WireError("sync head: wrong type")
-    if data[1] != 1:
-        raise wire.WireError("sync head: unknown version")
-    if len(data) != SYNC_HEAD_LEN:
-        raise wire.WireError("sync head: wrong length")
-    _, _, dev, base_seq, base_hash, upto, chain = struct.unpack_from(_HEAD, data, 0)
-    return SyncHead(dev, base_seq, base_hash, upto, chain, data)
+    return SyncHead(*S.decode_sync_head(data))
 
 
 @dataclass(frozen=True)
@@ -94,22 +73,8 @@ class UpdatesRequest:
     raw: bytes
 
 
-def updates_request_body(device_id: bytes, since: int, time: int, nonce: bytes) -> bytes:
-    if len(device_id) != 8 or len(nonce) != 16:
-        raise wire.WireError("updates request: bad field length")
-    return struct.pack(_UREQ, T_UPDATES_REQUEST, 1, device_id, since, time, nonce)
-
-
 def decode_updates_request(data: bytes) -> UpdatesRequest:
-    data = bytes(data)
-    if len(data) < 2 or data[0] != T_UPDATES_REQUEST:
-        raise wire.WireError("updates request: wrong type")
-    if data[1] != 1:
-        raise wire.WireError("updates request: unknown version")
-    if len(data) != UPDATES_REQUEST_LEN:
-        raise wire.WireError("updates request: wrong length")
-    _, _, dev, since, t, nonce = struct.unpack_from(_UREQ, data, 0)
-    return UpdatesRequest(dev, since, t, nonce, data)
+    return UpdatesRequest(*S.decode_updates_request(data))
 
 
 def chain(h: bytes, payload: bytes) -> bytes:
@@ -194,8 +159,13 @@ def parse_batch(body: bytes | str) -> Batch:
     if not isinstance(certs_in, list) or len(certs_in) > MAX_RECORDS:
         raise BatchError("certs: expected a list")
     certs = [_hex(c, f"certs[{i}]") for i, c in enumerate(certs_in)]
+    return _batch(device_id, base_seq, base_hash, records, certs, _hex(doc.get("head"), "head"))
+
+
+def _batch(device_id: bytes, base_seq: int, base_hash: bytes, records: list[Record], certs: list[bytes],
+           head_raw: bytes) -> Batch:
     try:
-        head = decode_sync_head(_hex(doc.get("head"), "head"))
+        head = decode_sync_head(head_raw)
     except wire.WireError as e:
         raise BatchError(str(e)) from None
     if (head.device_id, head.base_seq, head.base_hash, head.upto_seq) != (
@@ -203,6 +173,16 @@ def parse_batch(body: bytes | str) -> Batch:
     ):
         raise BatchError("head: does not name this batch's device and range")
     return Batch(device_id, base_seq, base_hash, records, certs, head)
+
+
+def sealed_batch(head_raw: bytes, records: list[tuple[bytes, bytes | None, bytes | None]]) -> Batch:
+    """A batch from a sealed sync request (syncwire.decode_request: the head and its records, binary)."""
+    try:
+        dev, base_seq, base_hash, _, _, _ = S.decode_sync_head(head_raw)
+    except wire.WireError as e:
+        raise BatchError(str(e)) from None
+    recs = [Record(base_seq + 1 + i, *r) for i, r in enumerate(records)]
+    return _batch(dev, base_seq, base_hash, recs, [], head_raw)
 
 
 def counterparties(batch: Batch) -> set[bytes]:

@@ -146,6 +146,9 @@ class Backend:
             batch = F.parse_batch(body)
         except F.BatchError as e:
             raise Reject(400, str(e)) from None
+        return self.upload_batch(batch)
+
+    def upload_batch(self, batch: F.Batch) -> tuple[int, dict]:
         self.prefetch_certs({batch.device_id} | F.counterparties(batch))
         v = verify_batch(batch, self.cert_of, self.issuer_pub, self.backend_pub)
         status, result = self.settlement.apply(v)
@@ -171,38 +174,64 @@ class Backend:
         from paytoken_host.backend import auth
 
         now = self.now()
-        P, C = db.payments, db.conflicts
         with db.write_tx(self.engine) as conn:
             auth.device_request(conn, authorization, device_id, since, self.cert_of, now)
-            dev = dict(conn.execute(select(db.devices).where(db.devices.c.device_id == device_id)).first()._mapping)
-            out = []
-            rl = self.revocation_list(conn)
-            if rl:
-                out.append(rl)
-            if dev["synced_seq"] > 0:
-                out.append(self._ack(dev))
-            for (raw,) in conn.execute(select(db.vouchers.c.raw).where(
-                    (db.vouchers.c.device_id == device_id) & (db.vouchers.c.counter > dev["vouchers_seen"]))
-                    .order_by(db.vouchers.c.counter)):
-                out.append(raw)
-            found = []
-            for txid, st, upd in conn.execute(select(P.c.txid, P.c.payer_status, P.c.payer_upd).where(
-                    (P.c.payer_id == device_id) & (P.c.payer_upd > since)).order_by(P.c.payer_upd).limit(STATUS_PAGE)):
-                found.append((upd, txid, st))
-            for txid, st, upd in conn.execute(select(P.c.txid, P.c.payee_status, P.c.payee_upd).where(
-                    (P.c.payee_id == device_id) & (P.c.payee_upd > since)).order_by(P.c.payee_upd).limit(STATUS_PAGE)):
-                found.append((upd, txid, st))
-            for txid, upd in conn.execute(select(C.c.txid, C.c.payee_upd).where(
-                    (C.c.payee_id == device_id) & (C.c.payee_upd > since)).order_by(C.c.payee_upd).limit(STATUS_PAGE)):
-                found.append((upd, txid, wire.ST_REJECTED))
-            found.sort()
-            more = len(found) > STATUS_PAGE
-            found = found[:STATUS_PAGE]
-            cursor = found[-1][0] if found else since
-            for _, txid, st in found:
-                out.append(protocol.sign(self.key, wire.status_body(device_id, txid, st, now)))
+            out, cursor, more = self.device_updates(conn, device_id, since, now)
         return {"device_id": device_id.hex(), "time": now, "cursor": cursor, "more": more,
                 "updates": [u.hex() for u in out]}
+
+    def device_updates(self, conn, device_id: bytes, since: int, now: int, page: int = STATUS_PAGE,
+                       vouchers: int | None = None) -> tuple[list[bytes], int, bool]:
+        """(updates in the order to apply them, the new status cursor, more to come): at most `page` statuses and
+        `vouchers` vouchers (None: all); `more` when either was cut short."""
+        P, C = db.payments, db.conflicts
+        dev = dict(conn.execute(select(db.devices).where(db.devices.c.device_id == device_id)).first()._mapping)
+        out = []
+        rl = self.revocation_list(conn)
+        if rl:
+            out.append(rl)
+        if dev["synced_seq"] > 0:
+            out.append(self._ack(dev))
+        q = select(db.vouchers.c.raw).where(
+            (db.vouchers.c.device_id == device_id) & (db.vouchers.c.counter > dev["vouchers_seen"])
+        ).order_by(db.vouchers.c.counter)
+        raws = [raw for (raw,) in conn.execute(q if vouchers is None else q.limit(vouchers + 1))]
+        more = vouchers is not None and len(raws) > vouchers
+        out += raws[:vouchers]
+        found = []
+        for txid, st, upd in conn.execute(select(P.c.txid, P.c.payer_status, P.c.payer_upd).where(
+                (P.c.payer_id == device_id) & (P.c.payer_upd > since)).order_by(P.c.payer_upd).limit(page + 1)):
+            found.append((upd, txid, st))
+        for txid, st, upd in conn.execute(select(P.c.txid, P.c.payee_status, P.c.payee_upd).where(
+                (P.c.payee_id == device_id) & (P.c.payee_upd > since)).order_by(P.c.payee_upd).limit(page + 1)):
+            found.append((upd, txid, st))
+        for txid, upd in conn.execute(select(C.c.txid, C.c.payee_upd).where(
+                (C.c.payee_id == device_id) & (C.c.payee_upd > since)).order_by(C.c.payee_upd).limit(page + 1)):
+            found.append((upd, txid, wire.ST_REJECTED))
+        found.sort()
+        more = more or len(found) > page
+        found = found[:page]
+        cursor = found[-1][0] if found else since
+        for _, txid, st in found:
+            out.append(protocol.sign(self.key, wire.status_body(device_id, txid, st, now)))
+        return out, cursor, more
+
+    def news_since(self, device_id: bytes, since: int) -> int | None:
+        """The device's status cursor if it has news after cursor `since` (a status set, or a voucher it has not yet
+        shown in an upload), else None."""
+        D = db.devices
+        with db.read_tx(self.engine) as conn:
+            row = conn.execute(select(D.c.update_seq, D.c.vouchers_issued, D.c.vouchers_seen)
+                               .where(D.c.device_id == device_id)).first()
+        if row is None or (row.update_seq <= since and row.vouchers_issued <= row.vouchers_seen):
+            return None
+        return row.update_seq
+
+    def sync(self, msg1: bytes) -> bytes:
+        """One sealed sync exchange (docs/protocol.md section 10): message 1 in, message 2 out."""
+        from paytoken_host.backend import sealed
+
+        return sealed.exchange(self, msg1)
 
     # ---- reading ----
     def keys(self) -> dict:
