@@ -1,9 +1,9 @@
-"""The sealed sync over BLE end to end: a payer card and a payee terminal that paid each other offline (demo.pay:
-main.py in MicroPython processes on the virtual radio at a 30 ms connection interval, their flash images kept), started again
-with those images; a long press of CONFIRM puts a device in sync mode (paytoken.app.syncble), and a relay on the host
-(paytoken_host.sync_ble.BleDeviceLink over the simulated radio's bleak backend) carries its sealed exchanges to a real
-`paytoken-backend serve` on SQLite. Both orders settle in both ledgers; a hostile relay, a dropped link and malformed
-frames change nothing, and a retry completes."""
+"""The sealed sync over BLE end to end: a payer card and a payee terminal that paid each other offline
+(demo.pay: main.py in MicroPython processes on the virtual radio at a 30 ms connection interval, their flash images
+kept), started again with those images; a long press of CONFIRM puts a device in sync mode (paytoken.app.syncble),
+and a relay on the host (paytoken_host.sync_ble.BleDeviceLink over the simulated radio's bleak backend) carries its
+sealed exchanges to a real `paytoken-backend serve` on SQLite. Both orders settle in both ledgers; a hostile relay, a
+dropped link and malformed frames change nothing, and a retry completes."""
 
 from __future__ import annotations
 
