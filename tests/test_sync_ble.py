@@ -170,3 +170,30 @@ def test_sync_mode_fits_its_heap_budget_from_romfs(rig):
     for who in ("payee", "payer"):
         end, statuses = rig.sync(who)
         assert end["done"] == "1" and statuses == ["settled"], who
+
+
+def test_the_sync_service_bytes_decode_strictly():
+    # The relay's side of paytoken.ble.syncgatt (CPython): what the device sends decodes back; anything else is a clear
+    # SyncGattError, never a wrong value.
+    rows = [(1, bytes(range(16)), 2_500, "settled"), (2, bytes(16), 1, "pending")]
+    hint = (bytes(range(16, 32)), 7)
+    status = syncgatt.status(hint, rows)
+    body, final, reason = syncgatt.decode(status, syncgatt.STATUS_R)
+    assert body is not None and (final, reason) == (False, "")
+    assert syncgatt.decode_status(body) == (hint, rows)
+    assert syncgatt.decode_status(syncgatt.decode(syncgatt.status(None, []), syncgatt.STATUS_R)[0]) == (None, [])
+    for bad in (body[:-1], body + b"\0", b"\x01" + bytes(5), b""):
+        with pytest.raises(syncgatt.SyncGattError):
+            syncgatt.decode_status(bad)
+    assert syncgatt.decode_pushed(syncgatt.decode(syncgatt.pushed(3), syncgatt.PUSHED)[0]) == 3
+    with pytest.raises(syncgatt.SyncGattError, match="not 2 bytes"):
+        syncgatt.decode_pushed(b"\0")
+    assert syncgatt.decode(syncgatt.error(True, "backend refused"), syncgatt.PULLED) == (None, True, "backend refused")
+    for resp, match in ((b"", "empty"), (b"\xff", "too short"), (bytes((syncgatt.PUSHED, 0, 1)), "expecting 0x81")):
+        with pytest.raises(syncgatt.SyncGattError, match=match):
+            syncgatt.decode(resp, syncgatt.PULLED)
+    assert syncgatt.adv_payload()[5:21] == gatt.uuid_le(syncgatt.SERVICE_UUID) and len(syncgatt.adv_payload()) <= 31
+    with pytest.raises(ValueError, match="backend must be"):
+        BleDeviceLink("payer", backend="usb")
+    with pytest.raises(ValueError, match="needs the broker"):
+        BleDeviceLink("payer", backend="sim", radio="")
