@@ -5,17 +5,17 @@
 #   buttons(callback, settle_ms, long_ms)  -> SimButtons: press(name, ...) from the harness
 #   scanner()                              -> SimScanner: the real Scanner driver on a simulated UART module
 #   storage(image=None, mount="/flash")    -> the data root: a host image file mounted with LittleFS v2
-#   usb()                                  -> SimUsb (board.simusb): the USB serial link, None without PAYTOKEN_SIM_USB
 #   network()                              -> the backend's URL when the simulator is online (Wi-Fi)
+#   usb()                                  -> SimUsb (board.simusb): the USB serial link, None without PAYTOKEN_SIM_USB
 #   flash.FlashDevice                      emulated NOR flash (board.flash)
 # Environment (all optional): PAYTOKEN_SIM_DISPLAY  PBM file written on every show()
 #                             PAYTOKEN_SIM_TERM=1    also draw every frame on stdout
 #                             PAYTOKEN_SIM_BUTTONS   file of button commands, one a line, read by poll()
 #                             PAYTOKEN_SIM_SCANNER   file of QR texts, one a line, shown to the scanner
 #                             PAYTOKEN_SIM_FLASH     the device's flash image (storage()); made on first use
+#                             PAYTOKEN_SIM_ONLINE    the online switch: the backend's URL (http://127.0.0.1:port)
 #                             PAYTOKEN_SIM_USB       host:port of the USB-UART bridge (paytoken_host.simusb)
 #                             PAYTOKEN_SIM_SERVICE=1 the button held at power-on: USB service when provisioned
-#                             PAYTOKEN_SIM_ONLINE    the online switch: the backend's URL (http://127.0.0.1:port)
 # The simulated devices live in simdisplay.py, siminput.py and simusb.py, imported on first use.
 import os
 import sys
@@ -58,14 +58,6 @@ def scanner(path=None):
     return SimScanner(SimUART(path))
 
 
-def usb():
-    a = _env("PAYTOKEN_SIM_USB")
-    if a:
-        from board.simusb import SimUsb
-
-        return SimUsb(a, _env("PAYTOKEN_SIM_SERVICE") == "1")
-
-
 def network():
     # The simulator's online switch, as Wi-Fi is on a board: the backend's base URL when PAYTOKEN_SIM_ONLINE gives one
     # (the unix port reaches it over the loopback network with `socket`), OSError(ENODEV) while offline.
@@ -73,6 +65,14 @@ def network():
     if url is None:
         raise OSError(19, "unix_sim: offline (set PAYTOKEN_SIM_ONLINE to the backend's http://host:port)")
     return url
+
+
+def usb():
+    a = _env("PAYTOKEN_SIM_USB")
+    if a:
+        from board.simusb import SimUsb
+
+        return SimUsb(a, _env("PAYTOKEN_SIM_SERVICE") == "1")
 
 
 _mounted = {}  # mount point -> (image path, block device)

@@ -89,11 +89,12 @@ def answer(be, plain: bytes, ephemeral: bytes) -> bytes:
 WAKE_INFO = b"paytoken backend wake token v1"
 
 
+def wake_key(noise_priv: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 16, salt=None, info=WAKE_INFO).derive(noise_priv)
+
+
 def _wake_cipher(be) -> Cipher:
-    key = getattr(be, "_wake_key", None)
-    if key is None:
-        key = be._wake_key = HKDF(hashes.SHA256(), 16, salt=None, info=WAKE_INFO).derive(be.noise_priv)
-    return Cipher(algorithms.AES(key), modes.ECB())
+    return Cipher(algorithms.AES(be.wake_key), modes.ECB())
 
 
 def wake_token(be, device_id: bytes) -> bytes:
@@ -103,7 +104,7 @@ def wake_token(be, device_id: bytes) -> bytes:
 
 def wake_device(be, token: bytes) -> bytes:
     """The device id in a wake token; Reject 404 for anything else."""
-    if len(token) != syncwire.WAKE_LEN or not be.noise_priv:
+    if len(token) != syncwire.WAKE_LEN or not be.wake_key:
         raise Reject(404, "not a wake token of this backend")
     dec = _wake_cipher(be).decryptor()
     plain = dec.update(token) + dec.finalize()

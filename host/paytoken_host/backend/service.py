@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from paytoken import wire
 from paytoken_host import protocol
-from paytoken_host.backend import db, journal, outbox
+from paytoken_host.backend import db, journal, outbox, sealed
 from paytoken_host.backend import formats as F
 from paytoken_host.backend.keys import noise_static
 from paytoken_host.backend.settle import DAY, Settlement, lock_devices, register_cert
@@ -31,6 +31,7 @@ class Backend:
         self.key = backend_key
         self.backend_pub = protocol.sec1(backend_key.public_key()) if backend_key else b""
         self.noise_priv, self.noise_pub = noise_static(backend_key) if backend_key else (b"", b"")
+        self.wake_key = sealed.wake_key(self.noise_priv) if backend_key else b""  # GET /v1/wake tokens
         self.clock = clock
         self.upload_rate = upload_rate  # uploads per minute per client address
         self.settlement = Settlement(engine, expiry=expiry, clock=clock, commit_hook=commit_hook)
@@ -229,8 +230,6 @@ class Backend:
 
     def sync(self, msg1: bytes) -> bytes:
         """One sealed sync exchange (docs/protocol.md section 10): message 1 in, message 2 out."""
-        from paytoken_host.backend import sealed
-
         return sealed.exchange(self, msg1)
 
     # ---- reading ----
