@@ -125,7 +125,6 @@ async def run(wallet, backend_kx, name, screen, log, keys, restore=None):
             link.close()
             p.stop()
             log("sync_ble_left", "why=%s exchanges=%d finished=%d" % (why, client.exchanges, client.finished))
-        p.stop()
         done = client.finished and client.error is None
         line = summary(wallet) if done else (client.error or "not synced")
         log("sync_ble_end", "done=%d exchanges=%d applied=%d uploaded=%d statuses=%s" % (
@@ -133,6 +132,8 @@ async def run(wallet, backend_kx, name, screen, log, keys, restore=None):
         screen.show("sync_ble", "synced" if done else "not synced", line)
         return line
     finally:
+        if p is not None:
+            p.stop()  # also when an error ends sync mode: no relay stays connected, nothing advertises
         if restore is not None:
             await _retry(restore)
         elif p is not None and dispatcher(ble).peripheral is p:
