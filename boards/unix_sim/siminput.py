@@ -28,7 +28,8 @@ class _Tail:
         data = self.partial + data
         parts = data.split(b"\n")
         self.partial = parts.pop()
-        return [p.decode().strip() for p in parts if p.strip()]
+        # only the line ending goes: a space is one of base45's characters, so a QR text may start or end with one
+        return [p.decode().rstrip("\r") for p in parts if p.strip()]
 
 
 # Buttons ---------------------------------------------------------------------------------------------
