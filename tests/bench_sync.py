@@ -1,6 +1,7 @@
 """`make bench`, sealed sync: a payer and a payee (MicroPython unix port, each its own process, its keys and ledger in a
 directory) sync straight to a real `paytoken-backend serve` on SQLite over loopback HTTP (the simulator's Wi-Fi:
-paytoken.sync_http), and the sync client's smallest heap. Runs in well under 30 s."""
+paytoken.sync_http), and the sync client's smallest heap; then over BLE (run_sync_ble: main.py devices in sync mode on
+the virtual radio, a bleak relay on the host). Runs in well under a minute."""
 
 from __future__ import annotations
 
@@ -122,6 +123,46 @@ def run_sync(rows: list[dict]) -> None:
         name = f"heap: first sync of {PAYMENTS} payments, code in place from ROMFS (KB)"
         print(f"{name:60} {heaps['payer']!s:>9} {heaps['payee']!s:>9}", flush=True)
         rows.append({"measure": "sync: " + name, "payer": heaps["payer"], "payee": heaps["payee"]})
+    run_sync_ble(rows)
+
+
+def run_sync_ble(rows: list[dict]) -> None:
+    """The same sealed sync over BLE: a payer and a payee that paid each other offline (main.py on the virtual radio,
+    30 ms connection interval) in sync mode, relayed by paytoken_host.sync_ble.BleDeviceLink to `paytoken-backend
+    serve` (tests/sync_ble_rig.py)."""
+    from tests.sync_ble_rig import paid_images, quiet, relay, running
+
+    print("\n== Sealed sync over BLE (main.py devices on the virtual radio, 30 ms connection interval, bleak relay "
+          "on the host -> paytoken-backend serve on SQLite, one payment)")
+    print(f"{'measure':60} {'payer':>9} {'payee':>9}")
+    print("-" * 80)
+    found: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="paytoken-bench-sync-ble-") as tmp_s:
+        tmp = Path(tmp_s)
+        (tmp / "paid").mkdir()
+        paid = paid_images(tmp / "paid")
+        with running(paid, tmp) as rig:
+            for who in ("payer", "payee"):
+                rig.sync_mode(who)
+                t0 = time.perf_counter()
+                with rig.link(who) as link:
+                    t1 = time.perf_counter()
+                    exchanges = relay(link, rig.url)
+                    t2 = time.perf_counter()
+                end = rig.devices[who].until("sync_ble_end", quiet)
+                found[who] = {"connect": t1 - t0, "relay": t2 - t1, "exchanges": exchanges,
+                              "uploaded": int(end["uploaded"]), "done": end["done"] == "1"}
+    table = [
+        ("BLE: records uploaded", lambda r: r["uploaded"]),
+        ("BLE: sealed exchanges", lambda r: r["exchanges"]),
+        ("BLE: records synced/s, relay connected (30 ms interval)", lambda r: round(r["uploaded"] / r["relay"], 2)),
+        ("BLE: ms per sealed exchange (BLE both ways + backend)", lambda r: round(r["relay"] * 1000 / r["exchanges"])),
+        ("BLE: s to find the device and open the link", lambda r: round(r["connect"], 2)),
+    ]
+    for name, f in table:
+        a, b = (f(found[w]) if found[w]["done"] else None for w in ("payer", "payee"))
+        print(f"{name:60} {a!s:>9} {b!s:>9}", flush=True)
+        rows.append({"measure": "sync: " + name, "payer": a, "payee": b})
 
 
 def fresh_run(tmp: Path, world: World, source: Path, heapsize: str) -> bool:

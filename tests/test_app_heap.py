@@ -37,8 +37,10 @@ def test_two_devices_pay_across_processes(images, tmp_path):
     assert "paytoken.app.card" in r["modules"]["payer"] and "paytoken.payee" not in r["modules"]["payer"]
     assert "paytoken.app.terminal" in r["modules"]["payee"] and "paytoken.payer" not in r["modules"]["payee"]
     assert "paytoken.qr" not in r["modules"]["payer"]  # the QR encoder is the payee's alone
-    for role in ("payer", "payee"):  # nothing of the USB provisioning service on the payment path
+    for role in ("payer", "payee"):  # nothing of the USB provisioning service or of sync on the payment path
         assert not {"paytoken.provisioning", "paytoken.usb.service", "paytoken.usb.frames"} & set(r["modules"][role])
+        assert not {"paytoken.sync_client", "paytoken.syncwire", "paytoken.sync_http", "paytoken.app.syncble",
+                    "paytoken.ble.syncgatt"} & set(r["modules"][role])
 
 
 SYNC_MODULES = {"paytoken.sync_usb", "paytoken.sync_client", "paytoken.syncwire", "paytoken.usb.service",

@@ -657,6 +657,10 @@ def test_sim_scanner_round_trip(upy, tmp_path):
     assert upy.eval("bytes(sc.uart.written[:9])") == bytes.fromhex("7E 00 08 01 00 02 01 AB CD")
     codes.write_text("FROM:FILE\n")
     assert upy.eval("sc.scan(100)") == "FROM:FILE"
+    # a base45 text may start or end with a space (one of its characters): the file's line is shown as it is
+    with open(codes, "a") as f:
+        f.write(" 72%:Q:SQL \r\n")
+    assert upy.eval("sc.scan(100)") == " 72%:Q:SQL "
     # raw bytes on the wire go through the real driver's parsing
     upy.exec("sc.feed_raw(b'\\x02\\x00\\x00\\x01\\x00\\x33\\x31RAW\\r\\n')")
     assert upy.eval("sc.read(0)") == "RAW"

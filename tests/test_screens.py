@@ -109,6 +109,8 @@ SAMPLES = {
     "payer_unconfirmed": ("payer_unconfirmed", 10000, USD),
     "unprovisioned": ("unprovisioned", "store: cert.bin missing"),
     "sync_status": ("sync_status", "settled 1, pending 2"),
+    "sync_ble_waiting": ("sync_ble", "waiting", "payer"),
+    "sync_ble": ("sync_ble", "synced", "settled 1"),
 }
 
 # Worst cases for fitting: the largest amounts, the longest reason names, an unknown code, long lists.
@@ -131,6 +133,9 @@ STRESS = [
     ("payer_working", "Waiting for the payee's answer..."),
     ("unprovisioned", "store: identity.key mismatch: not the key the certificate names"),
     ("payer_declined", reasons.UNREACHABLE),
+    ("sync_ble", "syncing", "0123456789abcdef"),
+    ("sync_ble", "synced", "settled 3 unconfirmed 2 refunded 1 pending 2"),
+    ("sync_ble", "not synced", "backend refused (401): device request: unknown device"),
 ]
 
 

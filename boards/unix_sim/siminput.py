@@ -28,7 +28,7 @@ class _Tail:
         data = self.partial + data
         parts = data.split(b"\n")
         self.partial = parts.pop()
-        # only the line ending goes: a QR text may begin with a space (one of base45's characters)
+        # only the line ending goes: a space is one of base45's characters, so a QR text may start or end with one
         return [p.decode().rstrip("\r") for p in parts if p.strip()]
 
 

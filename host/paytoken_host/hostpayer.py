@@ -52,6 +52,7 @@ CONNECT_S = 10.0  # finding and connecting to the payee, up to READY
 ANSWER_S = 10.0  # message 2: the payee checks our certificate
 RECEIPT_S = 10.0  # message 4
 WRITE_S = 5.0  # one frame's write response
+PAYMENT_UUIDS = (gatt.SERVICE_UUID, gatt.WRITE_UUID, gatt.NOTIFY_UUID)
 
 CURRENCIES = {840: ("USD", 2), 978: ("EUR", 2), 826: ("GBP", 2), 756: ("CHF", 2), 392: ("JPY", 0)}
 
@@ -385,9 +386,16 @@ class BleakLink:
 
     @classmethod
     async def connect(cls, qr: wire.QrPayload, radio: Radio, timeout: float = CONNECT_S) -> BleakLink:
+        deadline = asyncio.get_running_loop().time() + timeout
+        return await cls.open(await find_payee(qr, radio, timeout), radio, deadline)
+
+    @classmethod
+    async def open(cls, device: BLEDevice, radio: Radio, deadline: float, uuids: tuple[str, str, str] = PAYMENT_UUIDS,
+                   what: str = "payee") -> BleakLink:
+        """Connect to `device` and open a session on the service `uuids` (service, write, notify) by loop time
+        `deadline`: subscribe, OPEN, READY (protocol.md section 9; the sync service opens the same way)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        device = await find_payee(qr, radio, timeout)
+        service_uuid, write_uuid, notify_uuid = uuids
         holder: list[BleakLink] = []
 
         def gone(_: BleakClient) -> None:
@@ -404,11 +412,12 @@ class BleakLink:
         except BleakError as exc:
             raise LinkError(UNREACHABLE, f"{device.address}: {exc}") from None
         try:
-            service = client.services.get_service(gatt.SERVICE_UUID)
-            write = service and service.get_characteristic(gatt.WRITE_UUID)
-            notify = service and service.get_characteristic(gatt.NOTIFY_UUID)
+            service = client.services.get_service(service_uuid)
+            write = service and service.get_characteristic(write_uuid)
+            notify = service and service.get_characteristic(notify_uuid)
             if not (write and notify and "write" in write.properties and "notify" in notify.properties):
-                raise LinkError(UNREACHABLE, f"{device.address} is not a paytoken payee (no service or characteristic)")
+                raise LinkError(UNREACHABLE,
+                                f"{device.address} is not a paytoken {what} (no service or characteristic)")
             frame = min(write.max_write_without_response_size, gatt.PREFERRED_MTU - 3)
             link = cls(client, write, max(framing.MIN_FRAME, min(frame, framing.MAX_FRAME)))
             holder.append(link)
@@ -417,9 +426,9 @@ class BleakLink:
                 await client.write_gatt_char(write, gatt.OPEN_FRAME, response=True)
                 first = await link.frames.get()
             if first is None:
-                raise LinkError(CLOSED, "the payee disconnected before READY")
+                raise LinkError(CLOSED, f"the {what} disconnected before READY")
             if first == gatt.BUSY_FRAME:
-                raise LinkError(BUSY, "the payee serves another payer")
+                raise LinkError(BUSY, f"the {what} serves another peer")
             if first != gatt.READY_FRAME:
                 raise LinkError(FRAME, f"expected READY, got {first[:8].hex()}")
             return link
@@ -427,7 +436,7 @@ class BleakLink:
             with contextlib.suppress(BleakError, OSError, TimeoutError):
                 await client.disconnect()
             if isinstance(exc, TimeoutError):
-                raise LinkError(TIMEOUT, "the payee did not open the session in time") from None
+                raise LinkError(TIMEOUT, f"the {what} did not open the session in time") from None
             if isinstance(exc, BleakError):
                 raise LinkError(CLOSED, str(exc)) from None
             raise

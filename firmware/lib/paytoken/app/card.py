@@ -12,7 +12,8 @@
 # message 1, the payee's answer (its certificate and key checked), the amount (the payee's, or entered on
 # the buttons), the wallet's checks (balance, limits: refused before anything is signed), the person confirms
 # (CONFIRM) or declines (DOWN) within CONFIRM_MS, then the debit is stored, the signed payment sent, and the
-# receipt completes it. Every failure shows ('payer_declined', reason) and logs "failed".
+# receipt completes it. Every failure shows ('payer_declined', reason) and logs "failed". On the ready screen a
+# button shows the balance, and holding CONFIRM enters sync mode over BLE (paytoken.app.syncble).
 #
 # Link drops: before the person confirmed nothing is stored or signed; if the link is already gone when
 # they confirm, nothing is signed either. Once the debit is stored the payment may reach the payee, so
@@ -36,11 +37,14 @@ CONFIRM_MS = 30_000  # to confirm or decline
 RECEIPT_MS = 10_000  # from our payment to the payee's receipt
 RESULT_MS = 5_000  # the outcome stays on the screen this long (or until a button is pressed)
 BALANCE_ROWS = 3  # payments listed on the balance screen (a button on the ready screen shows it)
+SYNC_KEY = ("confirm", "long")  # on the ready screen: sync mode over BLE (paytoken.app.syncble)
 
 
 class Card:
-    def __init__(self, wallet, trust, transport, screen, keys, scanner, log):
+    def __init__(self, wallet, trust, transport, screen, keys, scanner, log, backend_kx=None, name="payer"):
         self.wallet = wallet
+        self.backend_kx = backend_kx  # the backend's sync key (store/backend.kx), for sync mode
+        self.name = name
         self.trust = trust
         self.transport = transport
         self.screen = screen
@@ -71,17 +75,25 @@ class Card:
         # a button shows the balance for a while.
         w = self.wallet
         self.screen.show("payer_ready")
+        self.keys.clear()  # before "ready": a press from then on counts
         self.log("ready", "balance=%d" % w.balance)
         sc = self.scanner
         sc.clear()
         sc.trigger()
         t0 = ticks_ms()
-        self.keys.clear()
         while True:
             text = sc.read(0)
             if text:
                 return text
-            if self.keys.get() is not None:
+            k = self.keys.get()
+            if k == SYNC_KEY:  # sync mode over BLE (paytoken.app.syncble, loaded only now)
+                from paytoken.app import syncble
+
+                await syncble.run(w, self.backend_kx, self.name, self.screen, self.log, self.keys)
+                await self.keys.next(RESULT_MS)
+                self.screen.show("payer_ready")
+                self.log("ready", "balance=%d" % w.balance)
+            elif k is not None:
                 rows = [(r[0], r[2], r[3]) for r in w.history(BALANCE_ROWS)]
                 self.screen.show("payer_balance", w.balance, w.cert.currency, rows)
                 await self.keys.next(RESULT_MS)

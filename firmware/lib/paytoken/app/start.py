@@ -68,10 +68,11 @@ def build(board, dev, trust, wallet, transport, screen, out=None):
 
         qr_amount = dev.config.get("qr_amount", screen.display.height >= 120)  # a version-4 QR fits
         return Terminal(wallet, trust, dev.static_priv, dev.static_pub, transport, screen, log,
-                        dev.config.get("amount"), qr_amount)
+                        dev.config.get("amount"), qr_amount, Keys(board.buttons), dev.backend_kx, dev.name)
     from paytoken.app.card import Card
 
-    return Card(wallet, trust, transport, screen, Keys(board.buttons), board.scanner(), log)
+    return Card(wallet, trust, transport, screen, Keys(board.buttons), board.scanner(), log, dev.backend_kx,
+                dev.name)
 
 
 def usb_service(usb, root, screen, log):

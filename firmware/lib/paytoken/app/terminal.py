@@ -15,10 +15,13 @@
 # large display), accept one payer, read_hello -> send -> read_payment -> send the receipt. The nonce is
 # used once: after every session (paid, refused, dropped) and after QR_MS without a payer, a new QR.
 #
+# Holding CONFIRM while the QR waits enters sync mode over BLE (paytoken.app.syncble); then a new QR.
+#
 # Link drops: PayeeSession stores the credit (or the signed refusal) before the receipt is sent. If the link
 # fails after that, the payment stays credited and the receipt is lost: the payer keeps its payment as
 # sent-unconfirmed and the backend settles it from our upload. Before that point nothing was stored.
 import asyncio
+from time import ticks_add, ticks_diff, ticks_ms
 
 from paytoken import base45, link, reasons, wire
 from paytoken.app.io import hexs, link_reason, why
@@ -35,11 +38,16 @@ DECIDE_MS = 100_000  # from our answer to the payer's payment: the person enters
 RESULT_MS = 5_000  # the outcome stays on the screen this long before the next QR
 PAUSE_MS = 2_000  # after an unexpected error or a failed radio, before trying again
 LOCKED_MS = 60_000  # a locked wallet (damaged ledger) looks again this often
+KEYS_MS = 250  # the buttons are looked at this often while the QR waits for a payer
+SYNC_KEY = ("confirm", "long")  # while the QR waits: sync mode over BLE (paytoken.app.syncble)
 
 class Terminal:
     def __init__(self, wallet, trust, static_priv, static_pub, transport, screen, log, amount=None,
-                 qr_amount=False):
+                 qr_amount=False, keys=None, backend_kx=None, name="payee"):
         self.wallet = wallet
+        self.keys = keys  # app.io.Keys, or None: no buttons (no sync mode)
+        self.backend_kx = backend_kx  # the backend's sync key (store/backend.kx), for sync mode
+        self.name = name
         self.trust = trust
         self.static_priv = static_priv
         self.static_pub = static_pub
@@ -88,10 +96,12 @@ class Terminal:
             self.screen.show("payee_qr", text)
         else:
             self.screen.show("payee_qr", text, amount, currency)
+        if self.keys is not None:
+            self.keys.clear()  # before "qr": a press from then on counts
         self.log("qr", "nonce=%s amount=%d qr=%s" % (hexs(nonce), amount or 0, hexs(qr_raw)))
         self.transport.start(nonce)
         try:
-            conn = await self.transport.accept(QR_MS)
+            conn = await self._accept()
         except LinkError as e:
             self._stop()
             if e.reason == link.TIMEOUT:
@@ -110,6 +120,29 @@ class Terminal:
             conn.close()
             self._stop()
         await asyncio.sleep_ms(RESULT_MS)
+
+    async def _accept(self):
+        # The payer's link (transport.accept); with buttons, watched in steps of KEYS_MS: holding CONFIRM enters
+        # sync mode over BLE (paytoken.app.syncble, loaded only now), then LinkError(TIMEOUT) gives a new QR.
+        keys = self.keys
+        if keys is None:
+            return await self.transport.accept(QR_MS)
+        deadline = ticks_add(ticks_ms(), QR_MS)
+        while True:
+            left = ticks_diff(deadline, ticks_ms())
+            try:
+                return await self.transport.accept(max(1, min(left, KEYS_MS)))
+            except LinkError as e:
+                if e.reason != link.TIMEOUT or left <= KEYS_MS:
+                    raise
+            if keys.get() == SYNC_KEY:
+                self._stop()
+                from paytoken.app import syncble
+
+                await syncble.run(self.wallet, self.backend_kx, self.name, self.screen, self.log, keys,
+                                  self.transport.register)
+                await keys.next(RESULT_MS)
+                raise LinkError(link.TIMEOUT, "sync mode")
 
     async def serve(self, conn, qr_raw, amount):
         # One payer on one link; shows and logs the outcome. Refusals and link errors end here.

@@ -4,6 +4,8 @@
 #   p = Peripheral(ble, "paytoken-1234")    registers the service (advertising must be off)
 #   p.address()                             (addr_type, addr) for the QR
 #   p.start(qr_nonce)                       advertise (again, with a new nonce tag after each QR)
+#   p.advertise(adv)                        the same with other advertising data (the sync service's)
+#   p.register()                            the service registered again after another one replaced it
 #   link = await p.accept(timeout_ms)       the next payer that opened a session: a paytoken Link
 #   p.stop()                                advertising off, every central but the served one disconnected
 #
@@ -51,7 +53,8 @@ _TICK_MS = const(250)  # housekeeping period
 
 
 class Peripheral:
-    def __init__(self, ble, name, mtu=gatt.PREFERRED_MTU, max_message=gatt.SESSION_MESSAGE):
+    def __init__(self, ble, name, mtu=gatt.PREFERRED_MTU, max_message=gatt.SESSION_MESSAGE, uuids=None):
+        # uuids: (service, write, notify) of another service with the same link (the sync service), else paytoken's
         if not MIN_FRAME + 3 <= mtu <= MAX_FRAME + 3:
             raise ValueError("mtu out of range")
         if not ble.active():
@@ -59,18 +62,8 @@ class Peripheral:
         self.ble = ble
         self.name = name
         self._mtu = mtu
-        ble.config(gap_name=name, mtu=mtu)
-        ble.gap_advertise(None)  # services can only be registered while not advertising
-        svc = (
-            bluetooth.UUID(gatt.SERVICE_UUID),
-            (
-                (bluetooth.UUID(gatt.WRITE_UUID), bluetooth.FLAG_WRITE),
-                (bluetooth.UUID(gatt.NOTIFY_UUID), bluetooth.FLAG_NOTIFY),
-            ),
-        )
-        ((self._wh, self._nh),) = ble.gatts_register_services((svc,))
-        # Remote writes longer than the buffer are cut; append mode would merge frames.
-        ble.gatts_set_buffer(self._wh, mtu - 3, False)
+        self._uuids = uuids or (gatt.SERVICE_UUID, gatt.WRITE_UUID, gatt.NOTIFY_UUID)
+        self.register()
         self._rx = Reassembler(max_message)
         self._txbuf = bytearray(mtu - 3)
         self._conns = {}
@@ -86,6 +79,18 @@ class Peripheral:
         self._hk_flag = asyncio.ThreadSafeFlag()
         self._task = None
         self.irq_error = None
+
+    def register(self):
+        """(Re)register this peripheral's service and take the GATT server's events: at start, and again after
+        another service (sync mode) replaced it. OSError(EBUSY) while advertising or connected."""
+        ble = self.ble
+        ble.config(gap_name=self.name, mtu=self._mtu)
+        ble.gap_advertise(None)  # services can only be registered while not advertising
+        s, w, n = self._uuids
+        chars = ((bluetooth.UUID(w), bluetooth.FLAG_WRITE), (bluetooth.UUID(n), bluetooth.FLAG_NOTIFY))
+        ((self._wh, self._nh),) = ble.gatts_register_services(((bluetooth.UUID(s), chars),))
+        # Remote writes longer than the buffer are cut; append mode would merge frames.
+        ble.gatts_set_buffer(self._wh, self._mtu - 3, False)
         dispatcher(ble).peripheral = self
 
     def address(self):
@@ -95,7 +100,11 @@ class Peripheral:
 
     def start(self, qr_nonce):
         """Advertise (connectable) for the QR with this nonce; call again with each new QR's nonce."""
-        self._adv = gatt.adv_payload(qr_nonce)
+        self.advertise(gatt.adv_payload(qr_nonce))
+
+    def advertise(self, adv):
+        """Advertise (connectable) with this advertising data; one central per call, as start()."""
+        self._adv = adv
         self._advertising = True
         self._accepted = False
         self.ble.gap_advertise(gatt.ADV_INTERVAL_US, adv_data=self._adv, resp_data=self._resp, connectable=True)

@@ -18,6 +18,8 @@
 #                                               role wire.ROLE_PAYER (money out) or ROLE_PAYEE (money in)
 #   ('unprovisioned', detail)                   no complete device store: the device does not pay
 #   ('sync_status', text)                       a sync over a relay ended: the recent payments' statuses
+#   ('sync_ble', state, detail)                 BLE sync mode: "waiting" / "syncing" (detail: the name it
+#                                               advertises), "synced" / "not synced" (detail: "settled 1", why)
 #
 # fb is the display driver's framebuf.FrameBuffer, monochrome: 1 = lit/light, 0 = dark (a colour driver
 # maps 1 to white). Only framebuf drawing calls and the built-in 8x8 font; text is scaled up by whole
@@ -318,6 +320,17 @@ def sync_status(fb, w, h, text):
     _stack(fb, 0, w, top, h, [(text, kt, 3)], 1)
 
 
+def sync_ble(fb, w, h, state, detail):
+    top, kt, _ = _frame(fb, w, h, "BLE SYNC")
+    if state == "waiting":
+        items = [("Waiting for relay", kt, 2), ("as " + detail, kt, 2)]
+    elif state == "syncing":
+        items = [("Syncing...", kt, 2), (detail, kt, 2)]
+    else:
+        items = [(state + ":", kt, 2), (detail, kt, 3)]
+    _stack(fb, 0, w, top, h, items, 1)
+
+
 def payer_balance(fb, w, h, balance, currency, last):
     top, kt, kb = _frame(fb, w, h, "BALANCE")
     s = money(balance, currency)
@@ -365,6 +378,7 @@ _SCREENS = {
     "payer_unconfirmed": (payer_unconfirmed, 2, 2),
     "unprovisioned": (unprovisioned, 1, 1),
     "sync_status": (sync_status, 1, 1),
+    "sync_ble": (sync_ble, 2, 2),
 }
 NAMES = tuple(sorted(_SCREENS))
 
