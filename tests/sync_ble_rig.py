@@ -20,6 +20,7 @@ from paytoken import wire
 from paytoken_host import demo, simdevice
 from paytoken_host.simradio.broker import BrokerThread, RadioConfig
 from paytoken_host.sync_ble import BleDeviceLink, DeviceRefused
+from paytoken_host.sync_bridge_core import relay as relay_core
 from tests.backend_rig import Database, free_port, init_cli, start_server, stop_server
 from tests.harness.mp import FIRMWARE_BUILD, command
 from tests.sync_rig import make_backend
@@ -30,15 +31,10 @@ HEAP = os.environ.get("PAYTOKEN_SYNC_BLE_HEAP", "512K")  # the devices' heap (-X
 
 def relay(link: BleDeviceLink, url: str,
           tamper: Callable[[bytes, bytes], bytes | None] | None = None) -> int:
-    """The bridge's relay loop (sync_bridge.relay once the serial branch is merged): each message 1 POSTed to the
-    backend, its message 2 pushed back, until the device has nothing more to say. Exchanges completed."""
+    """The bridge's relay (paytoken_host.sync_bridge_core.relay); with tamper, a hostile relay's loop that hands the
+    device tamper(msg1, msg2) instead of the backend's message 2 (None: drops it). Exchanges completed."""
     if tamper is None:
-        try:
-            from paytoken_host.sync_bridge import relay as bridge_relay  # type: ignore[import-not-found]
-        except ImportError:
-            bridge_relay = None
-        if bridge_relay is not None:
-            return bridge_relay(link, url)
+        return relay_core(link, url).exchanges
     n = 0
     with httpx.Client(base_url=url, timeout=30) as http:
         while (msg1 := link.pull()) is not None:

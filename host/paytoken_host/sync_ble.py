@@ -21,7 +21,7 @@ import asyncio
 import re
 import threading
 from collections.abc import Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from bleak import BleakScanner
 from bleak.backends.device import BLEDevice
@@ -31,6 +31,7 @@ from paytoken import framing
 from paytoken.ble import syncgatt
 from paytoken.link import LinkError
 from paytoken_host.hostpayer import BleakLink, Radio
+from paytoken_host.sync_bridge_core import AnswerRefused, BridgeError, Payment, Summary
 
 CONNECT_S = 20.0  # finding the device and opening the session
 ANSWER_S = 60.0  # the device's response: a PUSH checks every update's signature
@@ -38,22 +39,7 @@ _ADDRESS = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 T = TypeVar("T")
 
 
-class DeviceLink(Protocol):
-    """The bridge's view of a device (host/paytoken_host/sync_bridge_core.py defines the same; this one until that
-    lands)."""
-
-    name: str
-
-    def pull(self) -> bytes | None: ...
-
-    def push(self, msg2: bytes) -> int: ...
-
-    def wake_hint(self) -> tuple[bytes, int] | None: ...
-
-    def close(self) -> None: ...
-
-
-class DeviceRefused(RuntimeError):
+class DeviceRefused(AnswerRefused):
     """The device refused a request: `final` when the backend refused it (the device's sync is over), otherwise
     the message was damaged or out of turn and the relay pulls again."""
 
@@ -62,9 +48,12 @@ class DeviceRefused(RuntimeError):
         self.final = final
 
 
-class LinkLost(ConnectionError):
+class LinkLost(BridgeError, ConnectionError):
     """The BLE link failed (not found, dropped, timed out, malformed): nothing was applied that the device did not
     answer; the next call connects again."""
+
+    def __init__(self, message: str):
+        super().__init__("no_answer", message)
 
 
 class BleDeviceLink:
@@ -116,6 +105,12 @@ class BleDeviceLink:
     def wake_hint(self) -> tuple[bytes, int] | None:
         """(wake token, status cursor) for GET /v1/wake once the device has had an answer, else None."""
         return self.status()[0]
+
+    @property
+    def summary(self) -> Summary:
+        """What the bridge reports after a sync (sync_bridge_core.relay): the wake hint and recent statuses."""
+        wake, rows = self.status()
+        return Summary(wake, [Payment(*row) for row in rows])
 
     def status(self) -> tuple[tuple[bytes, int] | None, list[tuple[int, bytes, int, str]]]:
         """(wake hint, the device's recent payments [(role, txid, amount, status)], oldest first)."""

@@ -24,7 +24,7 @@ def open_link(args: argparse.Namespace) -> DeviceLink:
         except ImportError as e:
             raise BridgeError("usage", f"--ble: this installation has no BLE sync transport "
                                        f"(paytoken_host.sync_ble: {e})") from None
-        return BleDeviceLink(args.ble)
+        return BleDeviceLink(args.ble, "sim" if args.radio else "bleak", args.radio or None, args.timeout)
     return SerialDeviceLink(args.port, args.baud, args.timeout)
 
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--port", help="the device's USB serial port (default: the one ESP32 board plugged in)")
     where.add_argument("--ble", metavar="NAME|ADDRESS", help="the device over BLE (paytoken_host.sync_ble)")
+    ap.add_argument("--radio", metavar="HOST:PORT", default="",
+                    help="with --ble: the simulator's radio broker instead of this host's Bluetooth (tests, demo)")
     ap.add_argument("--backend", required=True, help="the backend's base URL, e.g. http://localhost:8000")
     ap.add_argument("--baud", type=int, default=115200, help="serial baud rate (default 115200)")
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the device's answer")

@@ -261,6 +261,8 @@ def sync_once(device: DeviceLink, backend: Backend, result: RelayResult, progres
         try:
             n = device.push(msg2)
         except AnswerRefused as e:
+            if getattr(e, "final", False):  # the backend refused the device's sync: it is over
+                raise DeviceError(f"{device.name}: sync refused: {e.message}") from None
             result.refused += 1
             progress(f"{device.name}: the device refused the answer ({e.message}); asking again")
             continue
