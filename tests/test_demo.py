@@ -10,6 +10,7 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
 import zxingcpp
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -18,6 +19,7 @@ from PIL import Image
 
 from paytoken import base45, wire
 from paytoken_host import demo
+from paytoken_host.backend.local import free_port
 from tests.harness.mp import FIRMWARE_BUILD
 
 
@@ -95,3 +97,18 @@ def test_demo_pays_settles_both_sync_orders_and_its_summary_verifies_independent
                                 f"merchant:{payee_id}": paid}
     assert bank["balances"][f"offline:{payer_id}"] == devices["payer"]["balance"]
     assert bank["balances"][f"merchant:{payee_id}"] == devices["payee"]["balance"]
+
+
+def test_a_device_that_cannot_reach_the_backend_says_so(tmp_path: Path):
+    # The device's own sync over Wi-Fi with nothing listening at the backend's address: it fails, says why (event
+    # and screen), and the demo stops with that reason; an unknown transport is refused by name.
+    demo.provision_images(tmp_path, FIRMWARE_BUILD, 10_000, 50_000, lambda text: None)
+    out = io.StringIO()
+    net = demo.Online(f"http://127.0.0.1:{free_port()}", FIRMWARE_BUILD, tmp_path, "512K", demo.printer(out),
+                      demo.sayer(out))
+    with pytest.raises(demo.DemoError, match="payee: failed .*ECONNREFUSED"):
+        demo.sync_device(net, "payee", "wifi")
+    assert "[payee screen]" in out.getvalue()
+    assert (tmp_path / "payee_screen.png").exists()
+    with pytest.raises(demo.DemoError, match="sync transport 'pigeon': one of wifi, bridge-standin"):
+        demo.sync_device(net, "payee", "pigeon")

@@ -19,11 +19,21 @@ def run(board, out=None):
     screen = Screen(board.display())
     dev, _, wallet = start.open_device(board.storage())
     log = Log(dev.name, out)
+    failures = []  # the transport's errors: sync_over tries again after each
+
     try:
         client = sync_client.SyncClient(wallet, dev.backend_kx)
-        done = client.sync_over(sync_http.poster(board.network()))
-        if not done:
-            raise OSError("the backend still had more to say")
+        post = sync_http.poster(board.network())
+
+        def tracked(msg):
+            try:
+                return post(msg)
+            except OSError as e:
+                failures.append(e)
+                raise
+
+        if not client.sync_over(tracked):
+            raise OSError(str(failures[-1]) if failures else "more to upload than one sync takes")
     except (OSError, sync_client.SyncError) as e:
         why = str(e) or type(e).__name__
         screen.show("sync_statuses", "NOT SYNCED", why)
