@@ -134,10 +134,14 @@ class SyncRig:
                 refused.append(e.msg)
         raise AssertionError(f"{who} still had something to say after {rounds} exchanges")
 
-    def wake(self, who: str, wait: float) -> dict:
-        """What the device's relay gets from the wake-up long-poll (GET /v1/wake) with the device's hint."""
+    def wake_hint(self, who: str) -> tuple[bytes, int]:
         token, cursor = self.rig.call(f"{self.client(who)}.wake_hint()")
-        r = self.http.get(f"/v1/wake/{token.hex()}", params={"since": cursor, "wait": wait})
+        return token, cursor
+
+    def wake(self, hint: tuple[bytes, int], wait: float) -> dict:
+        """What a device's relay gets from the wake-up long-poll (GET /v1/wake) with the device's hint (HTTP only:
+        a relay waiting in a thread must not talk to the MicroPython process the test drives)."""
+        r = self.http.get(f"/v1/wake/{hint[0].hex()}", params={"since": hint[1], "wait": wait})
         assert r.status_code == 200, r.text
         return r.json()
 

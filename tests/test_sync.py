@@ -289,16 +289,17 @@ def test_a_waiting_relay_is_woken_when_the_other_device_settles_its_payment(worl
     unconfirmed_payment(rig, 2_500)
     s.sync("payer")
     assert s.statuses("payer") == ["unconfirmed"]
-    assert s.wake("payer", wait=0) == {"wake": False, "cursor": rig.call("sp.cursor")}  # nothing new yet
+    hint = s.wake_hint("payer")
+    assert s.wake(hint, wait=0) == {"wake": False, "cursor": rig.call("sp.cursor")}  # nothing new yet
     # The payer's relay stays and waits; the payee comes online and uploads the payment with its receipt.
     with ThreadPoolExecutor(1) as pool:
-        woken = pool.submit(s.wake, "payer", 30)
+        woken = pool.submit(s.wake, hint, 30)
         s.sync("payee")
         assert woken.result(timeout=60)["wake"] is True
     s.restart("payer")  # the woken relay runs a sealed exchange at once
     s.sync("payer")
     assert s.statuses("payer") == s.statuses("payee") == ["settled"]
-    assert s.wake("payer", wait=0)["wake"] is False
+    assert s.wake(s.wake_hint("payer"), wait=0)["wake"] is False
     # Only the backend makes tokens: another string, or a token with a changed bit, names no device.
     token, _ = rig.call("sp.wake_hint()")
     for bad in (os.urandom(16), flip(token, 3)):
@@ -335,3 +336,21 @@ def test_wifi_the_device_posts_its_exchanges_itself(proc, tmp_path, monkeypatch)
     finally:
         stop_server(server)
     assert backend.balances()["accounts"]["merchant:" + payee.device_id.hex()] == 2_000
+
+
+def test_the_sealed_plaintexts_decode_strictly():
+    # Both plaintexts, on CPython (the same module the device runs): every byte counts, nothing half-parsed.
+    ureq = bytes((syncwire.T_UPDATES_REQUEST, 1)) + os.urandom(96)
+    head = syncwire.sync_head_body(os.urandom(8), 3, os.urandom(32), 5, os.urandom(32)) + os.urandom(64)
+    records = [(b"\x01" + os.urandom(88), os.urandom(188), None), (b"\x02" + os.urandom(73), None, os.urandom(107))]
+    request = b"".join(syncwire.request_parts(ureq, head, records))
+    updates, wake = [os.urandom(94), os.urandom(112)], os.urandom(16)
+    answer = syncwire.answer(200, 5, 200, 9, True, "fine", updates, wake)
+    assert syncwire.decode_request(request) == (ureq, head, records)
+    assert syncwire.decode_answer(answer) == (200, 5, 200, 9, True, "fine", updates, wake)
+    for raw, decode in ((request, syncwire.decode_request), (answer, syncwire.decode_answer)):
+        for cut in range(len(raw)):
+            with pytest.raises(wire.WireError):
+                decode(raw[:cut])
+        with pytest.raises(wire.WireError, match="trailing bytes"):
+            decode(raw + b"\0")

@@ -8,7 +8,7 @@
 # Loaded by the sync client only, never on the payment path.
 import struct
 
-from paytoken.wire import PAYMENT_LEN, RECEIPT_LEN, SIG_LEN, WireError
+from paytoken.wire import PAYMENT_LEN, RECEIPT_LEN, SIG_LEN, WireError, _fixed
 
 try:
     from micropython import const
@@ -63,13 +63,13 @@ def sync_head_body(device_id, base_seq, base_hash, upto_seq, chain_hash):
     return struct.pack(_HEAD, T_SYNC_HEAD, 1, device_id, base_seq, base_hash, upto_seq, chain_hash)
 
 
+def _fields(*fields):
+    return fields
+
+
 def decode_sync_head(data):
     # (device_id, base_seq, base_hash, upto_seq, chain_hash, raw)
-    data = bytes(data)
-    _header(data, T_SYNC_HEAD, 1, "sync head")
-    if len(data) != SYNC_HEAD_LEN:
-        raise WireError("sync head: wrong length")
-    return struct.unpack_from(_HEAD, data, 0)[2:] + (data,)
+    return _fixed(data, T_SYNC_HEAD, "sync head", _HEAD, SYNC_HEAD_LEN, _fields)
 
 
 def updates_request_body(device_id, since, time, nonce):
@@ -80,11 +80,7 @@ def updates_request_body(device_id, since, time, nonce):
 
 def decode_updates_request(data):
     # (device_id, since, time, nonce, raw)
-    data = bytes(data)
-    _header(data, T_UPDATES_REQUEST, 1, "updates request")
-    if len(data) != UPDATES_REQUEST_LEN:
-        raise WireError("updates request: wrong length")
-    return struct.unpack_from(_UREQ, data, 0)[2:] + (data,)
+    return _fixed(data, T_UPDATES_REQUEST, "updates request", _UREQ, UPDATES_REQUEST_LEN, _fields)
 
 
 # ---- request: type, version, flags u8; [updates request 98]; [sync head 146, then for each record of the
@@ -112,6 +108,14 @@ def request_parts(ureq, head, records):
     return parts
 
 
+def _take(mv, off, length, present):
+    # (the `length` bytes at off, or None if not present; the offset after them). Past the end: shorter, and the
+    # caller's final length check refuses the message.
+    if not present:
+        return None, off
+    return bytes(mv[off:off + length]), off + length
+
+
 def decode_request(data):
     # (updates request raw or None, sync head raw or None, [(payload, payment, receipt)]); WireError if malformed.
     mv = memoryview(data)
@@ -122,15 +126,10 @@ def decode_request(data):
     flags = mv[2]
     if flags & ~(F_UPDATES | F_UPLOAD) or not flags:
         raise WireError("sync request: bad flags")
-    off = 3
-    ureq = head = None
     records = []
-    if flags & F_UPDATES:
-        ureq = bytes(mv[off:off + UPDATES_REQUEST_LEN])
-        off += UPDATES_REQUEST_LEN
-    if flags & F_UPLOAD:
-        head = bytes(mv[off:off + SYNC_HEAD_LEN])
-        off += SYNC_HEAD_LEN
+    ureq, off = _take(mv, 3, UPDATES_REQUEST_LEN, flags & F_UPDATES)
+    head, off = _take(mv, off, SYNC_HEAD_LEN, flags & F_UPLOAD)
+    if head is not None:
         if off > n:
             raise WireError("sync request: truncated")
         _, base_seq, _, upto_seq, _, _ = decode_sync_head(head)
@@ -143,21 +142,15 @@ def decode_request(data):
             ln = mv[off] << 8 | mv[off + 1]
             if not 0 < ln <= MAX_PAYLOAD:
                 raise WireError("sync request: record size")
-            payload = bytes(mv[off + 2:off + 2 + ln])
-            off += 2 + ln
+            payload, off = _take(mv, off + 2, ln, True)
             if off >= n:
                 raise WireError("sync request: truncated")
             att = mv[off]
             off += 1
             if att & ~(A_PAYMENT | A_RECEIPT):
                 raise WireError("sync request: bad record flags")
-            payment = receipt = None
-            if att & A_PAYMENT:
-                payment = bytes(mv[off:off + PAYMENT_LEN])
-                off += PAYMENT_LEN
-            if att & A_RECEIPT:
-                receipt = bytes(mv[off:off + RECEIPT_LEN])
-                off += RECEIPT_LEN
+            payment, off = _take(mv, off, PAYMENT_LEN, att & A_PAYMENT)
+            receipt, off = _take(mv, off, RECEIPT_LEN, att & A_RECEIPT)
             records.append((payload, payment, receipt))
     if off != n:
         raise WireError("sync request: truncated" if off > n else "sync request: trailing bytes")
