@@ -506,9 +506,10 @@ def run(out_dir: Path, amount: int, balance: int, interval_ms: float, heap: str,
             for i, name in enumerate(first_second):
                 how = DEVICE_SYNC[name]
                 say(f"\n-- the {name} comes online ({how}) and syncs")
+                before = bank.ledger.summary()["notifications"]
                 sync_device(net, name, how)
                 if i == 0:  # its upload settled the payment: the backend notifies the bank
-                    wait_bank(bank, bank.ledger.summary()["notifications"] + 1)
+                    wait_bank(bank, before + 1)
                 show_bank(bank, say)
             statuses = {keys[name].device_id.hex(): export(out_dir / f"{name}.img", firmware).statuses.get(txid)
                         for name in ("payer", "payee")}
