@@ -413,6 +413,9 @@ def sync_wifi(net: Online, name: str) -> dict:
         if dev.proc.wait(timeout=30) != 0:
             raise DemoError(f"{name}: the sync process exited with {dev.proc.returncode}")
         return fields
+    except DemoError as e:
+        last = [x for x in dev.lines if x.strip() and not set(x) <= set(" ▀▄█") and not x.startswith("FRAME")][-8:]
+        raise DemoError(f"{e}; {name}'s last lines: " + " / ".join(last)) from None
     finally:
         dev.stop()
 
