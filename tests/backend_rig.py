@@ -13,7 +13,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,9 @@ from sqlalchemy import text
 from paytoken import reasons, wire
 from paytoken.ledger import ZERO_HASH, Ledger
 from paytoken_host import protocol
-from paytoken_host.backend import auth, db, migrate
+from paytoken_host.backend import auth, db, local, migrate
 from paytoken_host.backend import formats as F
+from paytoken_host.backend.local import free_port, stop_server  # noqa: F401 (the tests' imports)
 from paytoken_host.backend.service import ISSUER_SETTING, Backend
 
 NOW = 1_790_000_000
@@ -257,49 +257,12 @@ def updates_auth(dev: Device, since: int = 0, t: int = NOW, nonce: bytes | None 
     return "PaytokenDevice " + dev.sign(body).hex()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(db_url: str, key_path: str, port: int, workers: int = 2, extra_env: dict | None = None,
                  log: str | None = None) -> subprocess.Popen:
+    """paytoken_host.backend.local.start_server with the rig's passphrase and no background worker."""
     env = {**os.environ, "PAYTOKEN_KEY_PASSPHRASE": "test-passphrase", "PAYTOKEN_BACKGROUND_INTERVAL": "0",
            **(extra_env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "paytoken_host.backend.cli", "serve", "--db", db_url,
-                             "--backend-key", key_path, "--port", str(port), "--workers", str(workers),
-                             "--log-level", "error"],
-                            env=env, stdout=subprocess.DEVNULL, start_new_session=True,
-                            stderr=open(log or os.devnull, "ab"))  # noqa: SIM115 (the child owns it)
-    import httpx
-
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    stop_server(proc)
-    raise RuntimeError("server did not start")
-
-
-def stop_server(proc: subprocess.Popen, sig: int = 15) -> None:
-    """Stops the server and its worker processes (its own process group, started for it)."""
-    import signal
-
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
+    return local.start_server(db_url, key_path, port, env, workers, log)
 
 
 def init_cli(db_url: str, world: World, tmp: Path) -> str:

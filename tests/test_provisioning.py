@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from paytoken import wire
 from paytoken.usb import frames
 from paytoken_host import demo, protocol, simdevice, station
+from paytoken_host.backend.local import LocalBackend
 from paytoken_host.simstation import PROVISION, SimBoard, SimStation
 from paytoken_host.simusb import UsbBridge
-from tests.backend_rig import free_port, start_server, stop_server
 from tests.harness.mp import FIRMWARE_BUILD, MicroPython, MicroPythonError
 
 HARNESS = Path(__file__).parent / "harness"
@@ -268,25 +268,12 @@ def backend(tmp_path_factory, firmware_build):
     """A real `paytoken-backend serve` (SQLite) set up with its CLI; the issuer key made by provision.py."""
     tmp = tmp_path_factory.mktemp("backend")
     env = {**os.environ, "PAYTOKEN_KEY_PASSPHRASE": "station-passphrase"}
-    cli = [sys.executable, "-m", "paytoken_host.backend.cli"]
-    db = f"sqlite:///{tmp}/backend.db"
     made = subprocess.run([sys.executable, str(PROVISION), "--new-issuer-key", str(tmp / "issuer.key")], env=env,
                           capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     assert (tmp / "issuer.key").stat().st_mode & 0o777 == 0o600
-    subprocess.run(cli + ["backend-key", "--out", str(tmp / "backend.key")], env=env, check=True, capture_output=True)
-    subprocess.run(cli + ["init", "--db", db, "--issuer-pub", str(tmp / "issuer.key.pub")], env=env, check=True,
-                   capture_output=True)
-    tokens = {role: subprocess.run(cli + ["token", "--db", db, "--name", f"t-{role}", "--role", role], env=env,
-                                   check=True, capture_output=True, text=True).stdout.strip()
-              for role in ("provisioning", "treasury", "auditor")}
-    port = free_port()
-    server = start_server(db, str(tmp / "backend.key"), port, workers=1,
-                          extra_env={"PAYTOKEN_KEY_PASSPHRASE": "station-passphrase"})
-    try:
-        yield {"url": f"http://127.0.0.1:{port}", "tokens": tokens, "issuer_key": tmp / "issuer.key", "tmp": tmp}
-    finally:
-        stop_server(server)
+    with LocalBackend.create(tmp, tmp / "issuer.key.pub", "station-passphrase") as be:
+        yield {"url": be.url, "tokens": be.tokens, "issuer_key": tmp / "issuer.key", "tmp": tmp}
 
 
 def test_provision_payee_and_payer_with_the_backend_then_they_pay(backend, sim, tmp_path):

@@ -111,6 +111,9 @@ SAMPLES = {
     "sync_status": ("sync_status", "settled 1, pending 2"),
     "sync_ble_waiting": ("sync_ble", "waiting", "payer"),
     "sync_ble": ("sync_ble", "synced", "settled 1"),
+    "sync_statuses": ("sync_statuses", "SYNCED", [(wire.ROLE_PAYER, 10000, "settled"),
+                                                  (wire.ROLE_PAYEE, 250, "pending")]),
+    "sync_statuses_failed": ("sync_statuses", "NOT SYNCED", "[Errno 111] ECONNREFUSED"),
 }
 
 # Worst cases for fitting: the largest amounts, the longest reason names, an unknown code, long lists.
@@ -136,6 +139,9 @@ STRESS = [
     ("sync_ble", "syncing", "0123456789abcdef"),
     ("sync_ble", "synced", "settled 3 unconfirmed 2 refunded 1 pending 2"),
     ("sync_ble", "not synced", "backend refused (401): device request: unknown device"),
+    ("sync_statuses", "SYNCED", [(wire.ROLE_PAYEE, MAX, "unconfirmed")] * 20, 36),
+    ("sync_statuses", "SYNCED", []),
+    ("sync_statuses", "NOT SYNCED", "backend refused message 1 (400): not a handshake to this backend's key " * 3),
 ]
 
 
@@ -414,6 +420,11 @@ def test_screens_show_their_text(ui, w, h):
     shown(("payer_ready",), "READY", "Scan", "QR", "code")
     shown(("payer_balance", 87655, USD, PAYMENTS), "$876.55", "-$12.50", "done", "+$0.99", "settled", "-$7.00", "sent")
     shown(("payer_balance", 0, USD, []), "$0.00", "No payments")
+    rows = shown(("sync_statuses", "SYNCED", [(wire.ROLE_PAYER, 10000, "settled"), (wire.ROLE_PAYEE, 99, "pending")]),
+                 "-$100.00", "settled", "+$0.99", "pending")
+    assert_shows(ui, rows, "SYNCED", lit=False)
+    shown(("sync_statuses", "SYNCED", []), "No payments")
+    shown(("sync_statuses", "NOT SYNCED", "offline"), "offline")
     shown(("payee_waiting", None, USD), "Payer", "enters", "amount", "Waiting")
     shown(("payee_waiting", 500, USD), "$5.00", "Waiting")
     shown(("payee_paid", MAX, USD), "$42949672.95", "received")  # the largest amount, whole

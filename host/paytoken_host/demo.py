@@ -1,17 +1,27 @@
-"""`make demo`: the seed's example in simulation. A merchant terminal shows a QR, a wallet card pays $100.00 over
-BLE, both store the signed record, with no internet anywhere.
+"""`make demo`: the seed's example in simulation, then its settlement. A merchant terminal shows a QR, a wallet
+card pays $100.00 over BLE, both store the signed record, with no internet anywhere; later each comes online and
+syncs with the settlement backend, which settles the payment and notifies the bank.
 
 Each device is its own `micropython` process running the firmware's main.py with the unix_sim board: flash
 image, display, buttons and QR scanner simulated, BLE through the virtual radio (paytoken_host.simradio, 30 ms
 connection interval). Both start blank and are provisioned first by host/provision.py over their USB serial, a
-pseudo-terminal (paytoken_host.simstation; a test issuer, no backend server): their keys are made on the devices.
-Between them there is only the radio and what a person does: the QR is read off the terminal's screen with
-zxing-cpp and held in front of the card's scanner, and the card's confirm button is pressed when it asks.
+pseudo-terminal (paytoken_host.simstation): their keys are made on the devices, the backend registers them and
+issues the card's first load. Between them there is only the radio and what a person does: the QR is read off the
+terminal's screen with zxing-cpp and held in front of the card's scanner, and the card's confirm button is pressed
+when it asks.
+
+The backend is a real `paytoken-backend serve` on SQLite (paytoken_host.backend.local: key, database and
+operator tokens made with its CLI), its webhook target the sample bank receiver (paytoken_host.bank_receiver).
+Two payments run, one per sync order (ORDERS): after each, the devices come online one after the other, each
+syncing over its own transport (DEVICE_SYNC, SYNC_TRANSPORTS: sync_device(net, name, how)) and then showing the
+statuses its ledger holds (the firmware's paytoken.app.wifisync, the 'sync_statuses' screen).
 
 Writes into --out (default build/demo): payer.img and payee.img (the devices' flash), payee_qr.png (the QR
-screen), and summary.json: `devices` [{id, role, identity_public_key, balance}] and `records` [{payer, payee,
-amount, currency, payment, payer_sig, receipt, payee_sig}] (hex; payment and receipt are the exact bytes signed),
-so anyone can check every signature with an independent library.
+screen), backend/ and bank.sqlite, and summary.json: `devices` [{id, role, identity_public_key, balance}],
+`records` [{payer, payee, amount, currency, payment, payer_sig, receipt, payee_sig}] (hex; payment and receipt are
+the exact bytes signed), so anyone can check every signature with an independent library; `sync` [{order,
+transaction_id, amount, statuses: {device id: the status in that device's own ledger}}] and `bank`
+{notifications, balances: {account: minor units}}.
 """
 
 from __future__ import annotations
@@ -28,11 +38,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from paytoken import base45, wire
 from paytoken_host import protocol, simdevice
+from paytoken_host.bank_receiver import BankReceiver
 from paytoken_host.fwbuild import micropython_command
 from paytoken_host.simradio.broker import BrokerThread
+
+if TYPE_CHECKING:
+    from paytoken_host.simstation import SimStation
 
 ROOT = Path(__file__).resolve().parents[2]
 SIG = 64
@@ -178,17 +193,27 @@ _dev, _trust, _w = start.open_device(board.storage({image!r}, "/flash"))
 print("BALANCE", _w.balance)
 for _role, _p, _r in wallet_sync.signed_payments(_w):
     print("PAYMENT", _role, hexlify(_p).decode(), hexlify(_r).decode() if _r else "-")
+from paytoken import sync_client
+for _role, _txid, _amount, _status in sync_client.statuses(_w, 64):
+    print("STATUS", hexlify(_txid).decode(), _status)
 _w.ledger.close()
 board.unmount("/flash")
 """
 
 
-def export(image: Path, firmware: Path) -> tuple[int, list[tuple[int, bytes, bytes | None]]]:
-    """A device's balance and its signed payments, read from its flash image by the firmware itself."""
+class Exported(NamedTuple):
+    balance: int
+    payments: list[tuple[int, bytes, bytes | None]]  # (role, signed payment, signed receipt or None)
+    statuses: dict[str, str]  # txid (hex) -> the status the ledger holds (sync_client.statuses)
+
+
+def export(image: Path, firmware: Path) -> Exported:
+    """A device's balance, its signed payments and their statuses, read from its flash image by the firmware
+    itself."""
     proc = simdevice.run_firmware(EXPORT.format(image=str(image.resolve())), firmware)
     if proc.returncode != 0:
         raise DemoError(f"reading {image} failed: {proc.stdout}{proc.stderr}")
-    balance, payments = None, []
+    balance, payments, statuses = None, [], {}
     for line in proc.stdout.splitlines():
         parts = line.split()
         if parts[:1] == ["BALANCE"]:
@@ -196,9 +221,11 @@ def export(image: Path, firmware: Path) -> tuple[int, list[tuple[int, bytes, byt
         elif parts[:1] == ["PAYMENT"]:
             receipt = None if parts[3] == "-" else bytes.fromhex(parts[3])
             payments.append((int(parts[1]), bytes.fromhex(parts[2]), receipt))
+        elif parts[:1] == ["STATUS"]:
+            statuses[parts[1]] = parts[2]
     if balance is None:
         raise DemoError(f"reading {image}: no balance in {proc.stdout!r}")
-    return balance, payments
+    return Exported(balance, payments, statuses)
 
 
 @dataclass(frozen=True)
@@ -237,13 +264,15 @@ def provision_images(out_dir: Path, firmware: Path, amount: int, balance: int, s
     return {name: Provisioned(k.device_id, k.role, protocol.sec1(k.identity.public_key())) for name, k in keys.items()}
 
 
-def provision_over_usb(out_dir: Path, firmware: Path, amount: int, balance: int, say) -> dict[str, Provisioned]:
+def provision_over_usb(out_dir: Path, firmware: Path, amount: int, balance: int, say,
+                       station: SimStation | None = None) -> dict[str, Provisioned]:
     """Both devices blank, each main.py in its own process with its USB serial on a pseudo-terminal
-    (paytoken_host.simusb), provisioned by host/provision.py as an operator would run it (a test issuer key
-    file; the backend's keys and the card's load voucher from a test authority, no backend server)."""
+    (paytoken_host.simusb), provisioned by host/provision.py as an operator would run it: by `station` (with a
+    backend server: registered, the card's first load issued by it), by default a test issuer key file with the
+    backend's keys and the card's load voucher from a test authority, no backend server."""
     from paytoken_host import simstation
 
-    station = simstation.SimStation(out_dir / "station", firmware)
+    station = station or simstation.SimStation(out_dir / "station", firmware)
     found = {}
     for name, args in (("payee", ["--role", "payee", "--name", "payee", "--amount", str(amount)]),
                        ("payer", ["--role", "payer", "--name", "payer", "--balance", str(balance)])):
@@ -260,20 +289,36 @@ def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_
     DemoError when a device fails, halts or stalls (the devices' last lines in the message). screens=False
     leaves the simulated displays without their PNG files and terminal pictures (simulator work that a device
     does not do) and takes the QR from the terminal's event instead of its screen: for heap figures."""
-    from paytoken_host.simradio.broker import RadioConfig
-
-    heaps = heaps or {"payer": "512K", "payee": "512K"}
-    show = show or (lambda name, item: None)
-
-    def say(text: str) -> None:
-        if out is not None:
-            print(text, file=out)
-
+    say = sayer(out)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     say(f"provisioning a payee terminal and a payer card (test issuer; card loaded with ${balance / 100:.2f})")
-    result = Payment(keys=provision(out_dir, firmware, amount, balance, say))
+    keys = provision(out_dir, firmware, amount, balance, say)
+    result = session(out_dir, firmware, interval_ms, heaps, launch, show, out, screens)
+    result.keys = keys
+    return result
+
+
+def sayer(out) -> Callable[[str], None]:
+    def say(text: str) -> None:
+        if out is not None:
+            print(text, file=out, flush=True)
+
+    return say
+
+
+def session(out_dir: Path, firmware: Path, interval_ms: float = 30, heaps: dict[str, str] | None = None,
+            launch: Launcher = files_launcher, show=None, out=None, screens: bool = True) -> Payment:
+    """One payment between the provisioned devices of out_dir (payee.img, payer.img): both main.py processes
+    started on the virtual radio, the QR read off the terminal's screen, the card's confirm pressed; both
+    processes stopped when both records are stored."""
+    from paytoken_host.simradio.broker import RadioConfig
+
+    heaps = heaps or {"payer": "512K", "payee": "512K"}
+    show = show or (lambda name, item: None)
+    say = sayer(out)
+    result = Payment()
     (out_dir / "scanner").write_text("")
     (out_dir / "buttons").write_text("")
     devices: list[Device] = []
@@ -328,11 +373,154 @@ def pay(out_dir: Path, firmware: Path, amount: int = 10_000, balance: int = 100_
     return result
 
 
+# ---- settlement: the backend, the bank, and each device's sync ----
+
+ORDERS = (("payer-first", ("payer", "payee")), ("payee-first", ("payee", "payer")))
+# How each device syncs: a name in SYNC_TRANSPORTS. The terminal has Wi-Fi; the card has none and syncs through a
+# relay on its USB serial (host/sync_bridge.py), for which the Wi-Fi path stands in until that relay is here.
+DEVICE_SYNC = {"payee": "wifi", "payer": "bridge-standin"}
+
+
+@dataclass
+class Online:
+    """What a device's sync needs: the backend's URL, the firmware, where the flash images are, the printer."""
+
+    backend_url: str
+    firmware: Path
+    out_dir: Path
+    heap: str
+    show: Callable
+    say: Callable[[str], None]
+
+
+def wifisync_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
+    """The device syncing itself and showing its statuses (paytoken.app.wifisync), cwd: the built firmware."""
+    code = "import board\nfrom paytoken.app import wifisync\nwifisync.run(board)"
+    return [micropython_command(), "-X", f"heapsize={heap}", "-c", code], dict(
+        os.environ, MICROPYPATH=".frozen:lib:.")
+
+
+def sync_wifi(net: Online, name: str) -> dict:
+    """The device's own Wi-Fi: it POSTs its sealed exchanges to the backend itself (paytoken.sync_http; the
+    simulator's online switch PAYTOKEN_SIM_ONLINE), then shows its statuses. The "synced" event's fields."""
+    dev = Device(name, net.firmware, net.heap, {
+        "PAYTOKEN_SIM_FLASH": str(net.out_dir / f"{name}.img"), "PAYTOKEN_SIM_ONLINE": net.backend_url,
+        "PAYTOKEN_SIM_DISPLAY": str(net.out_dir / f"{name}_screen.png")}, wifisync_launcher)
+    try:
+        fields = dev.until("synced", net.show, timeout=60)
+        while (item := dev.items.get(timeout=30)[1]) is not None:  # its statuses, to the end of the process
+            net.show(name, item)
+        if dev.proc.wait(timeout=30) != 0:
+            raise DemoError(f"{name}: the sync process exited with {dev.proc.returncode}")
+        return fields
+    except DemoError as e:
+        last = [x for x in dev.lines if x.strip() and not set(x) <= set(" ▀▄█") and not x.startswith("FRAME")][-8:]
+        raise DemoError(f"{e}; {name}'s last lines: " + " / ".join(last)) from None
+    finally:
+        dev.stop()
+
+
+def sync_bridge_standin(net: Online, name: str) -> dict:
+    """The card has no Wi-Fi: it syncs through a relay on its USB serial (host/sync_bridge.py). Until that relay
+    is in the demo, the simulator's Wi-Fi path stands in for it (the same sealed exchanges; the relay, like the
+    Wi-Fi, only carries them)."""
+    net.say(f"  ({name}: stand-in for the USB sync bridge: the simulator's Wi-Fi path)")
+    return sync_wifi(net, name)
+
+
+SyncTransport = Callable[[Online, str], dict]
+SYNC_TRANSPORTS: dict[str, SyncTransport] = {"wifi": sync_wifi, "bridge-standin": sync_bridge_standin}
+
+
+def sync_device(net: Online, name: str, how: str) -> dict:
+    """Device `name` (payer or payee) syncs with the backend over transport `how` (SYNC_TRANSPORTS)."""
+    transport = SYNC_TRANSPORTS.get(how)
+    if transport is None:
+        raise DemoError(f"sync transport {how!r}: one of {', '.join(SYNC_TRANSPORTS)}")
+    return transport(net, name)
+
+
+def show_bank(bank: BankReceiver, say: Callable[[str], None]) -> dict:
+    got = bank.ledger.summary()
+    say(f"  bank: {got['notifications']} notification(s) received, signatures checked; balances:")
+    for account, amount in got["balances"].items():
+        say(f"    {account:<26} {'-' if amount < 0 else ' '}${abs(amount) / 100:,.2f}")
+    return got
+
+
+def wait_bank(bank: BankReceiver, notifications: int, timeout: float = 20) -> None:
+    """Until the bank has received `notifications` events (the backend's worker delivers its outbox)."""
+    deadline = time.monotonic() + timeout
+    while bank.ledger.summary()["notifications"] < notifications:
+        if bank.refused:
+            raise DemoError(f"the bank refused a notification: {bank.refused[-1]}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"the bank got no notification {notifications} within {timeout:g} s")
+        time.sleep(0.1)
+
+
+def issuer_key(work: Path, passphrase: str) -> Path:
+    """A new issuer key file made by host/provision.py --new-issuer-key, as an operator does; its path."""
+    from paytoken_host.simstation import PROVISION
+
+    work.mkdir(parents=True, exist_ok=True)
+    key = work / "issuer.key"
+    proc = subprocess.run([sys.executable, str(PROVISION), "--new-issuer-key", str(key)], capture_output=True,
+                          text=True, env={**os.environ, "PAYTOKEN_KEY_PASSPHRASE": passphrase})
+    if proc.returncode != 0:
+        raise DemoError(f"provision.py --new-issuer-key failed: {proc.stderr.strip()}")
+    return key
+
+
 def run(out_dir: Path, amount: int, balance: int, interval_ms: float, heap: str, firmware: Path, out) -> dict:
-    result = pay(out_dir, firmware, amount, balance, interval_ms, {"payer": heap, "payee": heap},
-                 show=printer(out), out=out, provision=provision_over_usb)
-    print(f"\npaid in {result.seconds:.2f} s from the QR scan to both records stored", file=out)
-    summary = summarise(out_dir, firmware, result.keys["payer"], result.keys["payee"])
+    """The whole demo: backend and bank, provisioning, then per sync order a payment and both devices' syncs;
+    writes out_dir/summary.json and returns it."""
+    import secrets
+
+    from paytoken_host.backend.local import LocalBackend
+    from paytoken_host.bank_receiver import Ledger
+    from paytoken_host.simstation import SimStation
+
+    show, say = printer(out), sayer(out)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    passphrase, bank_secret = secrets.token_urlsafe(16), secrets.token_urlsafe(32)
+    key = issuer_key(out_dir / "station", passphrase)
+    with BankReceiver(bank_secret.encode(), Ledger(out_dir / "bank.sqlite")) as bank, LocalBackend.create(
+            out_dir / "backend", Path(f"{key}.pub"), passphrase, bank.url, bank_secret, 0.2) as backend:
+        say(f"settlement backend: paytoken-backend serve at {backend.url} (SQLite, {out_dir / 'backend'})")
+        say(f"bank: the sample receiver at {bank.url}, the backend's webhook target (HMAC-signed events)")
+        station = SimStation(out_dir / "station", firmware, backend_url=backend.url, issuer_key=key,
+                             passphrase=passphrase, env={"PAYTOKEN_PROVISIONING_TOKEN": backend.tokens["provisioning"],
+                                                         "PAYTOKEN_TREASURY_TOKEN": backend.tokens["treasury"]})
+        say(f"\n== provisioning over USB: a payee terminal and a payer card, registered with the backend, the card "
+            f"loaded with ${balance / 100:.2f} by it")
+        keys = provision_over_usb(out_dir, firmware, amount, balance, say, station)
+        wait_bank(bank, 1)
+        show_bank(bank, say)
+        net = Online(backend.url, firmware, out_dir, heap, show, say)
+        sync = []
+        for order, first_second in ORDERS:
+            say(f"\n== {order}: a payment offline over BLE, then the {first_second[0]} comes online first")
+            result = session(out_dir, firmware, interval_ms, {"payer": heap, "payee": heap}, show=show, out=out)
+            say(f"\npaid in {result.seconds:.2f} s from the QR scan to both records stored")
+            txid = wire.txid(keys["payer"].device_id, int(result.paid["counter"])).hex()
+            for i, name in enumerate(first_second):
+                how = DEVICE_SYNC[name]
+                say(f"\n-- the {name} comes online ({how}) and syncs")
+                before = bank.ledger.summary()["notifications"]
+                sync_device(net, name, how)
+                if i == 0:  # its upload settled the payment: the backend notifies the bank
+                    wait_bank(bank, before + 1)
+                show_bank(bank, say)
+            statuses = {keys[name].device_id.hex(): export(out_dir / f"{name}.img", firmware).statuses.get(txid)
+                        for name in ("payer", "payee")}
+            sync.append({"order": order, "transaction_id": txid, "amount": int(result.paid["amount"]),
+                         "statuses": statuses})
+        summary = summarise(out_dir, firmware, keys["payer"], keys["payee"])
+        summary["sync"] = sync
+        summary["bank"] = bank.ledger.summary()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -340,7 +528,7 @@ def run(out_dir: Path, amount: int, balance: int, interval_ms: float, heap: str,
 def summarise(out_dir: Path, firmware: Path, payer_keys: Provisioned, payee_keys: Provisioned) -> dict:
     devices, records = [], []
     for keys, image in ((payee_keys, out_dir / "payee.img"), (payer_keys, out_dir / "payer.img")):
-        bal, payments = export(image, firmware)
+        bal, payments, _ = export(image, firmware)
         devices.append({"id": keys.device_id.hex(), "role": "payer" if keys.role == wire.ROLE_PAYER else "payee",
                         "identity_public_key": keys.identity_pub.hex(), "balance": bal})
         if keys.role == wire.ROLE_PAYEE:
@@ -372,9 +560,14 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
+    print("\n== done")
     for d in summary["devices"]:
         print(f"{d['role']:>6} {d['id']}  balance ${d['balance'] / 100:.2f}")
-    print(f"wrote {args.out / 'payee_qr.png'} and {args.out / 'summary.json'} ({len(summary['records'])} record)")
+    for s in summary["sync"]:
+        print(f"{s['order']:>11}: {s['transaction_id']} ${s['amount'] / 100:.2f} "
+              + " ".join(f"{dev}={st}" for dev, st in s["statuses"].items()))
+    print(f"bank: {summary['bank']['notifications']} notifications")
+    print(f"wrote {args.out / 'payee_qr.png'} and {args.out / 'summary.json'} ({len(summary['records'])} records)")
     return 0
 
 

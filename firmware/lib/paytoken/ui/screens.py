@@ -20,6 +20,8 @@
 #   ('sync_status', text)                       a sync over a relay ended: the recent payments' statuses
 #   ('sync_ble', state, detail)                 BLE sync mode: "waiting" / "syncing" (detail: the name it
 #                                               advertises), "synced" / "not synced" (detail: "settled 1", why)
+#   ('sync_statuses', title, last[, currency])  after the device synced itself: last as payer_balance's
+#                                               (its newest payments' statuses), or the text of why it failed
 #
 # fb is the display driver's framebuf.FrameBuffer, monochrome: 1 = lit/light, 0 = dark (a colour driver
 # maps 1 to white). Only framebuf drawing calls and the built-in 8x8 font; text is scaled up by whole
@@ -340,7 +342,23 @@ def payer_balance(fb, w, h, balance, currency, last):
     if not last:
         _center(fb, 0, w, y, "No payments", 1, kt)
         return
-    # one row a payment, amount left and state right; the text scale if every row fits at it, else 1
+    _payments(fb, w, h, y, kt, last, currency)
+
+
+def sync_statuses(fb, w, h, title, last, currency=840):
+    # After the device synced itself (paytoken.app.wifisync): its newest payments and the status its own ledger
+    # now holds for each; last is a text instead when the sync failed (why).
+    top, kt, _ = _frame(fb, w, h, title)
+    if isinstance(last, str):
+        _stack(fb, 0, w, top, h, [(last, 1, 4)], 1)
+    elif not last:
+        _center(fb, 0, w, top + 2, "No payments", 1, kt)
+    else:
+        _payments(fb, w, h, top + 2, kt, last, currency)
+
+
+def _payments(fb, w, h, y, kt, last, currency):
+    # one row a payment from row y, amount left and state right; the text scale kt if every row fits at it, else 1
     rows = []
     k = kt
     for role, amount, state in last:
@@ -379,6 +397,7 @@ _SCREENS = {
     "unprovisioned": (unprovisioned, 1, 1),
     "sync_status": (sync_status, 1, 1),
     "sync_ble": (sync_ble, 2, 2),
+    "sync_statuses": (sync_statuses, 2, 3),
 }
 NAMES = tuple(sorted(_SCREENS))
 
