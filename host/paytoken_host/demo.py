@@ -377,8 +377,8 @@ def session(out_dir: Path, firmware: Path, interval_ms: float = 30, heaps: dict[
 
 ORDERS = (("payer-first", ("payer", "payee")), ("payee-first", ("payee", "payer")))
 # How each device syncs: a name in SYNC_TRANSPORTS. The terminal has Wi-Fi; the card has none and syncs through a
-# relay on its USB serial (host/sync_bridge.py), for which the Wi-Fi path stands in until that relay is here.
-DEVICE_SYNC = {"payee": "wifi", "payer": "bridge-standin"}
+# relay on its USB serial (host/sync_bridge.py).
+DEVICE_SYNC = {"payee": "wifi", "payer": "usb-bridge"}
 
 
 @dataclass
@@ -420,16 +420,44 @@ def sync_wifi(net: Online, name: str) -> dict:
         dev.stop()
 
 
-def sync_bridge_standin(net: Online, name: str) -> dict:
-    """The card has no Wi-Fi: it syncs through a relay on its USB serial (host/sync_bridge.py). Until that relay
-    is in the demo, the simulator's Wi-Fi path stands in for it (the same sealed exchanges; the relay, like the
-    Wi-Fi, only carries them)."""
-    net.say(f"  ({name}: stand-in for the USB sync bridge: the simulator's Wi-Fi path)")
-    return sync_wifi(net, name)
+def sync_usb_bridge(net: Online, name: str) -> dict:
+    """The card has no Wi-Fi: it runs its app (main.py) with its USB serial on a simulated USB-UART bridge, and
+    host/sync_bridge.py, run as an operator would with the pseudo-terminal as its --port, relays its sealed
+    exchanges (paytoken.app.usbwatch serves them between payments). The "synced" event's fields."""
+    from paytoken_host.simusb import UsbBridge
+
+    files = {}
+    for f in ("scanner", "buttons"):  # a card's app reads them; nobody scans or presses here
+        (net.out_dir / f"{name}.{f}").write_text("")
+        files[f"PAYTOKEN_SIM_{f.upper()}"] = str(net.out_dir / f"{name}.{f}")
+    with BrokerThread() as radio, UsbBridge() as usb:
+        dev = Device(name, net.firmware, net.heap, {
+            "PAYTOKEN_SIM_FLASH": str(net.out_dir / f"{name}.img"), "PAYTOKEN_RADIO": radio.address,
+            "PAYTOKEN_SIM_USB": usb.address, "PAYTOKEN_SIM_DISPLAY": str(net.out_dir / f"{name}_screen.png"), **files})
+        try:
+            dev.until("ready" if name == "payer" else "qr", net.show)
+            if not usb.wait_device():
+                raise DemoError(f"{name}: its USB serial never opened")
+            net.say(f"  python host/sync_bridge.py --port {usb.port} --backend {net.backend_url}")
+            bridge = subprocess.run([sys.executable, str(ROOT / "host" / "sync_bridge.py"), "--port", usb.port,
+                                     "--backend", net.backend_url], capture_output=True, text=True, timeout=120)
+            for line in bridge.stderr.splitlines():
+                net.say("  " + line)
+            if bridge.returncode != 0:
+                raise DemoError(f"{name}: sync_bridge.py exited with {bridge.returncode}")
+            fields = dev.until("synced", net.show, timeout=60)
+            time.sleep(0.3)  # the statuses screen that follows
+            while not dev.items.empty():
+                item = dev.items.get()[1]
+                if item is not None:
+                    net.show(name, item)
+            return fields
+        finally:
+            dev.stop()
 
 
 SyncTransport = Callable[[Online, str], dict]
-SYNC_TRANSPORTS: dict[str, SyncTransport] = {"wifi": sync_wifi, "bridge-standin": sync_bridge_standin}
+SYNC_TRANSPORTS: dict[str, SyncTransport] = {"wifi": sync_wifi, "usb-bridge": sync_usb_bridge}
 
 
 def sync_device(net: Online, name: str, how: str) -> dict:
