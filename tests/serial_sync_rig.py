@@ -93,11 +93,11 @@ class Rig:
         self.server = start_server(self.db_url, self.template.key.replace(str(self.template.dir), str(self.dir)),
                                    self.port, workers=1)
 
-    def start(self, name: str, baud: int = 115200) -> UsbBridge:
+    def start(self, name: str, baud: int = 115200, **extra: str) -> UsbBridge:
         usb = self.usb.get(name) or UsbBridge(baud=baud)
         self.usb[name] = usb
         env = {"PAYTOKEN_RADIO": self.radio.address, "PAYTOKEN_SIM_USB": usb.address,
-               "PAYTOKEN_SIM_FLASH": str(self.dir / "pay" / f"{name}.img")}
+               "PAYTOKEN_SIM_FLASH": str(self.dir / "pay" / f"{name}.img"), **extra}
         if name == "payer":
             for f in ("scanner", "buttons"):
                 (self.dir / "pay" / f).write_text("")

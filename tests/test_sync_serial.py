@@ -252,3 +252,26 @@ def test_ble_without_its_transport_is_a_usage_error():
     p = subprocess.run(core_cli("--ble", "till-1", "--backend", "http://127.0.0.1:9"), capture_output=True,
                        text=True, timeout=30)
     assert p.returncode == core.EXIT_CODES["usage"] and "no BLE sync transport" in p.stderr
+
+
+def test_a_terminal_online_syncs_itself_between_sales(rig):
+    # Wi-Fi (the simulator's online switch) and "sync_every_s" in its config: the running terminal syncs by itself,
+    # its upload settles the payment, and it goes back to its QR; nothing of sync stays loaded
+    from paytoken_host.simdevice import run_firmware
+
+    image = rig.dir / "pay" / "payee.img"
+    src = ("import json\nimport board\nfrom paytoken import store\n"
+           f"r = board.storage({str(image)!r}, '/flash')\n"
+           "c = json.loads(store.read(r, 'config.json'))\nc['sync_every_s'] = 1\n"
+           "store.write(r, 'config.json', json.dumps(c).encode())\nprint(store.load(r).config)\n"
+           "board.unmount('/flash')\n")
+    proc = run_firmware(src)
+    assert proc.returncode == 0 and "'sync_every_s': 1" in proc.stdout, proc.stdout + proc.stderr
+    rig.start("payee", PAYTOKEN_SIM_ONLINE=rig.url)
+    synced = rig.until("payee", "synced")
+    assert synced["applied"] == "2"  # its acknowledgement and the payment's status
+    status = rig.until("payee", "status")
+    assert status["status"] == "settled" and status["amount"] == "10000"
+    assert [state for _, state in settled_rows(rig)] == ["settled"]
+    rig.until("payee", "synced")  # again a second later: nothing new, nothing applied twice
+    assert [state for _, state in settled_rows(rig)] == ["settled"]

@@ -6,6 +6,7 @@
 #   scanner()                              -> paytoken.drivers.scanner.Scanner on machine.UART
 #   storage()                              -> "/": the data root, the firmware's LittleFS (mounted at boot)
 #   halt()                                 a provisioned device stopped: never the REPL (no Ctrl-C, sleep)
+#   network(config)                        -> the backend's URL over the config's Wi-Fi (paytoken.drivers.wifi)
 #   usb()                                  -> paytoken.drivers.esp32_usb.Usb: the USB service's needs (serial
 #                                             port, button held at power-on, RNG entropy, reset)
 # Drivers are imported when first asked for, so a build that never scans never loads the scanner code.
@@ -38,6 +39,12 @@ def storage():
 
 def halt():
     board_common.halt()
+
+
+def network(config=None):
+    from paytoken.drivers import wifi
+
+    return wifi.connect(config)
 
 
 def usb():

@@ -59,9 +59,10 @@ def scanner(path=None):
     return SimScanner(SimUART(path))
 
 
-def network():
+def network(config=None):
     # The simulator's online switch, as Wi-Fi is on a board: the backend's base URL when PAYTOKEN_SIM_ONLINE gives one
-    # (the unix port reaches it over the loopback network with `socket`), OSError(ENODEV) while offline.
+    # (the unix port reaches it over the loopback network with `socket`), OSError(ENODEV) while offline. config
+    # (the device's, with the ESP32 boards' "wifi") is not needed here.
     url = _env("PAYTOKEN_SIM_ONLINE")
     if url is None:
         raise OSError(19, "unix_sim: offline (set PAYTOKEN_SIM_ONLINE to the backend's http://host:port)")

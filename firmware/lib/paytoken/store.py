@@ -8,7 +8,8 @@
 #   backend.pub   65 bytes   the backend's P-256 public key: checks vouchers, acknowledgements, statuses
 #   backend.kx    32 bytes   optional: the backend's X25519 static key, the responder key of the sync session
 #                            (docs/protocol.md §10); a device without it cannot sync end to end encrypted
-#   config.json   optional   {"name": "till-1", "app": "card" | "terminal", "amount": 10000, "qr_amount": false}
+#   config.json   optional   {"name": "till-1", "app": "card" | "terminal", "amount": 10000, "qr_amount": false,
+#                            "sync_every_s": 300, "wifi": {"ssid": .., "password": .., "backend": "http://.."}}
 #   final         8 bytes    the lock: the certificate's device id, written by the provisioning's finalise
 #                            (paytoken.provisioning) as its very last step; until then the device cannot pay
 #
@@ -123,6 +124,13 @@ def _config(raw):
         raise StoreError(CORRUPT, "config.json", "amount: minor units, 1 to 2^32-1")
     if not isinstance(cfg.get("qr_amount", False), bool):
         raise StoreError(CORRUPT, "config.json", "qr_amount: true or false")
+    every = cfg.get("sync_every_s")
+    if every is not None and not (isinstance(every, int) and not isinstance(every, bool) and 0 < every < 1 << 31):
+        raise StoreError(CORRUPT, "config.json", "sync_every_s: seconds, 1 or more")
+    wifi = cfg.get("wifi")
+    if wifi is not None and not (isinstance(wifi, dict) and isinstance(wifi.get("ssid"), str)
+                                 and isinstance(wifi.get("backend"), str)):
+        raise StoreError(CORRUPT, "config.json", 'wifi: {"ssid", "password", "backend"}')
     return cfg
 
 

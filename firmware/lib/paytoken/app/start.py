@@ -116,7 +116,7 @@ def run(board, make_transport=None, sessions=None, out=None):
         screen.show("unprovisioned", "no BLE transport in this build")
         return None
     app = build(board, dev, trust, wallet, t, screen, out)
-    asyncio.run(_main(app, sessions, port, wallet, dev, screen, Log(dev.name, out)))
+    asyncio.run(_main(app, sessions, port, wallet, dev, screen, Log(dev.name, out), board))
     return app
 
 
@@ -139,14 +139,20 @@ def usb_port(usb, log, name):
         return None
 
 
-async def _main(app, sessions, port, wallet, dev, screen, log):
+async def _main(app, sessions, port, wallet, dev, screen, log, board=None):
+    tasks = []
     if port is not None and dev.backend_kx is not None:
         from paytoken.app.usbwatch import UsbWatch
 
-        watch = asyncio.create_task(UsbWatch(port, app, wallet, dev.backend_kx, screen, log).run())
-        try:
-            await app.run(sessions)
-        finally:
-            watch.cancel()
-    else:
+        tasks.append(asyncio.create_task(UsbWatch(port, app, wallet, dev.backend_kx, screen, log).run()))
+    every = dev.config.get("sync_every_s")
+    if every and dev.backend_kx is not None and board is not None and hasattr(board, "network"):
+        # a device with Wi-Fi syncs itself on this schedule (paytoken.app.wifisync, loaded only to sync)
+        from paytoken.app import wifisync
+
+        tasks.append(asyncio.create_task(wifisync.every(board, app, dev, wallet, screen, log, every)))
+    try:
         await app.run(sessions)
+    finally:
+        for t in tasks:
+            t.cancel()

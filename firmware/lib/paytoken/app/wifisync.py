@@ -3,6 +3,9 @@
 #
 #   run(board, out=None) -> True when the device had nothing more to say, False when the backend could not be
 #       reached or refused (the screen and a "failed" event say why).
+#   sync(board, dev, wallet, screen, log)            the same on a device the app has open
+#   every(board, app, dev, wallet, screen, log, s)   the running terminal's own schedule (start.run starts it
+#       when the board is online and the config asks: "sync_every_s")
 #
 # Events: "EVENT <device> synced exchanges=N applied=N", then "EVENT <device> status txid=.. amount=.. status=.."
 # per payment (newest last), or "EVENT <device> failed why=..". Imported only to sync: never on the payment path
@@ -11,19 +14,28 @@ from paytoken.app import start
 from paytoken.app.io import Log, Screen, hexs
 
 SHOWN = 4  # payments on the screen (sync_client.statuses' newest)
+SHOW_MS = 4000  # a scheduled sync's outcome stays on the screen this long
 
 
 def run(board, out=None):
-    from paytoken import sync_client, sync_http
-
+    # A sync on its own (the demo's Wi-Fi step, a device woken to sync): opens the device, syncs, closes it.
     screen = Screen(board.display())
     dev, _, wallet = start.open_device(board.storage())
-    log = Log(dev.name, out)
-    failures = []  # the transport's errors: sync_over tries again after each
+    try:
+        return sync(board, dev, wallet, screen, Log(dev.name, out))
+    finally:
+        wallet.ledger.close()
 
+
+def sync(board, dev, wallet, screen, log):
+    # One sync of an open device over its Wi-Fi (board.network(config) -> the backend's URL), then its statuses
+    # on the screen and in event lines. True when the device had nothing more to say.
+    from paytoken import sync_client, sync_http
+
+    failures = []  # the transport's errors: sync_over tries again after each
     try:
         client = sync_client.SyncClient(wallet, dev.backend_kx)
-        post = sync_http.poster(board.network())
+        post = sync_http.poster(board.network(dev.config))
 
         def tracked(msg):
             try:
@@ -38,12 +50,30 @@ def run(board, out=None):
         why = str(e) or type(e).__name__
         screen.show("sync_statuses", "NOT SYNCED", why)
         log("failed", "why=" + why.replace(" ", "_"))
-        wallet.ledger.close()
         return False
     rows = sync_client.statuses(wallet, SHOWN)
     screen.show("sync_statuses", "SYNCED", [(role, amount, status) for role, _, amount, status in rows])
     log("synced", "exchanges=%d applied=%d" % (client.exchanges, client.applied))
     for role, txid, amount, status in rows:
         log("status", "txid=%s amount=%d status=%s" % (hexs(txid), amount, status))
-    wallet.ledger.close()
     return True
+
+
+async def every(board, app, dev, wallet, screen, log, period_s):
+    # A terminal with Wi-Fi syncs itself: every period_s, between sales (never while app.busy), it syncs, shows
+    # the outcome for a moment and unloads the sync code again, so none of it is in RAM while paying.
+    import asyncio
+    import sys
+
+    while True:
+        await asyncio.sleep(period_s)
+        while getattr(app, "busy", False):
+            await asyncio.sleep_ms(500)
+        before = set(sys.modules)
+        prev = screen.state
+        sync(board, dev, wallet, screen, log)
+        for name in set(sys.modules) - before:
+            start.forget(name)
+        await asyncio.sleep_ms(SHOW_MS)
+        if not getattr(app, "busy", False) and prev is not None:
+            screen.show(*prev)  # the app's own screen (its QR) again
