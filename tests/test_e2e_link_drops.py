@@ -101,7 +101,7 @@ class Run:
     rig: Rig
     outcomes: dict[str, Outcome]
     payee_of: dict[str, str]
-    ledgers: dict[str, tuple[int, list[tuple[int, bytes, bytes | None]]]]
+    ledgers: dict[str, demo.Exported]
     screens: dict[tuple, list[str]]
 
 
@@ -210,7 +210,7 @@ def test_link_drop_ends_in_the_documented_state(run: Run, step: str):
 def test_ledgers_hold_each_payment_once_and_only_the_payers_own(run: Run):
     """The flash images after every scenario: the payer's payments each once, sent-unconfirmed (no receipt) where
     the card said unconfirmed; each terminal credited once per `paid`, with the payer's exact signed bytes."""
-    payer_balance, payer_records = run.ledgers["payer"]
+    payer_balance, payer_records = run.ledgers["payer"][:2]
     by_counter = {wire.decode_payment(p).counter: (p, r) for role, p, r in payer_records if role == wire.ROLE_PAYER}
     assert len(by_counter) == len(payer_records)  # every record is a payment of its own
     ends = {step: run.outcomes[step].end("payer") for step in BY_ID}
@@ -224,7 +224,7 @@ def test_ledgers_hold_each_payment_once_and_only_the_payers_own(run: Run):
 
     credited = 0
     for payee in PAYEES:
-        balance, records = run.ledgers[payee]
+        balance, records = run.ledgers[payee][:2]
         paid = [step for step, o in run.outcomes.items() if run.payee_of[step] == payee and o.end(payee)
                 and o.end(payee)[0] == "paid"]
         assert len(records) == len(paid) and balance == AMOUNT * len(paid), payee
