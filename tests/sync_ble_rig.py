@@ -157,9 +157,12 @@ def running(paid: Paid, tmp_path: Path, interval_ms: float = 30) -> Iterator[Rig
             r = Rig(paid, tmp_path, f"http://127.0.0.1:{port}", radio.address)
             try:
                 yield r
+            except BaseException:
+                for name, d in r.devices.items():  # the devices' last lines: pytest shows them with the failure
+                    print(f"--- {name}", *d.lines[-30:], sep="\n")
+                raise
             finally:
-                for name, d in r.devices.items():
+                for d in r.devices.values():
                     d.stop()
-                    print(f"--- {name}", *d.lines[-30:], sep="\n")  # shown when the test failed
     finally:
         stop_server(server)

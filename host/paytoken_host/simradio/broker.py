@@ -289,7 +289,10 @@ class Broker:
                     self._handle(dev, decode(line.rstrip(b"\r\n")))
                 except (ProtocolError, BrokerError) as exc:
                     self._error(dev, str(exc), line)
-                await writer.drain()
+                try:
+                    await writer.drain()
+                except ConnectionError:  # the device's process ended while the broker wrote to it
+                    break
         finally:
             self._clients.discard(writer)
             if dev.hello and dev.alive:
