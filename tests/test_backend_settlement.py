@@ -465,3 +465,24 @@ def test_a_receipt_in_a_later_upload_than_its_payment_settles_it(env):
     assert backend.upload(payee.batch().encode())[0] == 200
     assert [state(backend, t) for t in txids] == ["settled", "settled"]
     assert backend.balances()["accounts"][f"merchant:{payee.device_id.hex()}"] == 3_000
+
+
+def test_a_sealed_answer_fits_the_devices_largest_message(env):
+    # 40 statuses for one device: a sealed answer carries what fits its byte budget (the 4 KB a USB frame or a BLE
+    # sync message takes) and says there is more; the next one goes on from its cursor, nothing lost or repeated
+    from paytoken_host.backend import sealed
+
+    world, backend, clock = env
+    payer, payee = setup(world, backend, balance=1_000_000)
+    for _ in range(40):
+        pay(payer, payee, 100)
+    assert backend.upload(payee.batch().encode())[0] == 200
+    seen, since, more = [], 0, True
+    while more:
+        with db.read_tx(backend.engine) as conn:
+            updates, since, more = backend.device_updates(conn, payee.device_id, since, NOW, sealed.STATUSES,
+                                                          sealed.VOUCHERS, sealed.UPDATES_BUDGET)
+        statuses = [u for u in updates if u[0] == wire.T_STATUS]
+        assert sum(len(u) + 2 for u in statuses) <= sealed.UPDATES_BUDGET
+        seen += [wire.decode_status(u).txid for u in statuses]
+    assert len(seen) == len(set(seen)) == 40

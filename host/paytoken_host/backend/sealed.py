@@ -21,6 +21,9 @@ NOISE_PROTOCOL = b"Noise_NK_25519_AESGCM_SHA256"
 MAX_MESSAGE = 65535  # a Noise message
 STATUSES = 32  # statuses in one answer (about 3 KB: the device holds the whole answer in RAM)
 VOUCHERS = 8  # vouchers in one answer
+# Bytes of updates in one answer beyond the revocation list and the acknowledgement: message 2 must fit the 4 KB a
+# USB frame or a BLE sync message carries, with its ephemeral key, tag, header and up to 255 bytes of error text.
+UPDATES_BUDGET = 3072
 
 
 def exchange(be, msg1: bytes) -> bytes:
@@ -72,7 +75,8 @@ def answer(be, plain: bytes, ephemeral: bytes) -> bytes:
             req = auth.sealed_request(ureq, ephemeral, be.cert_of)
             now = be.now()
             with db.read_tx(be.engine) as conn:
-                updates, cursor, more = be.device_updates(conn, req.device_id, req.since, now, STATUSES, VOUCHERS)
+                updates, cursor, more = be.device_updates(conn, req.device_id, req.since, now, STATUSES, VOUCHERS,
+                                                          UPDATES_BUDGET)
             ust = 200
             wake = wake_token(be, req.device_id)
         except Reject as r:

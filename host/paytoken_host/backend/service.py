@@ -20,6 +20,8 @@ from paytoken_host.backend.settle import DAY, Settlement, lock_devices, register
 from paytoken_host.backend.verify import Reject, check_cert, verify_batch
 
 ISSUER_SETTING = "issuer_pub"
+STATUS_LEN = len(wire.status_body(bytes(wire.ID_LEN), bytes(wire.TXID_LEN), wire.ST_SETTLED, 0)) + wire.SIG_LEN
+VOUCHER_LEN = len(wire.voucher_body(bytes(wire.ID_LEN), 1, 1, 840, 0)) + wire.SIG_LEN
 STATUS_PAGE = 1000
 
 
@@ -182,9 +184,10 @@ class Backend:
                 "updates": [u.hex() for u in out]}
 
     def device_updates(self, conn, device_id: bytes, since: int, now: int, page: int = STATUS_PAGE,
-                       vouchers: int | None = None) -> tuple[list[bytes], int, bool]:
+                       vouchers: int | None = None, budget: int | None = None) -> tuple[list[bytes], int, bool]:
         """(updates in the order to apply them, the new status cursor, more to come): at most `page` statuses and
-        `vouchers` vouchers (None: all); `more` when either was cut short."""
+        `vouchers` vouchers (None: all), and with `budget` at most that many bytes of updates (2 bytes of length
+        each) beyond the revocation list and the acknowledgement; `more` when anything was cut short."""
         P, C = db.payments, db.conflicts
         dev = dict(conn.execute(select(db.devices).where(db.devices.c.device_id == device_id)).first()._mapping)
         out = []
@@ -193,6 +196,10 @@ class Backend:
             out.append(rl)
         if dev["synced_seq"] > 0:
             out.append(self._ack(dev))
+        if budget is not None:  # what fits the device's largest message: vouchers first, then statuses
+            left = budget - sum(len(u) + 2 for u in out)
+            vouchers = max(0, min(vouchers if vouchers is not None else left, left // (VOUCHER_LEN + 2)))
+            page = max(0, min(page, (left - vouchers * (VOUCHER_LEN + 2)) // (STATUS_LEN + 2)))
         q = select(db.vouchers.c.raw).where(
             (db.vouchers.c.device_id == device_id) & (db.vouchers.c.counter > dev["vouchers_seen"])
         ).order_by(db.vouchers.c.counter)
