@@ -45,18 +45,10 @@ def scanner():
     return board_common.uart_scanner(INFO)
 
 
-def storage():
-    return board_common.storage()
-
-
-def halt():
-    board_common.halt()
-
-
-def network(config=None):
-    from paytoken.drivers import wifi
-
-    return wifi.connect(config)
+# the same on every ESP32 board
+storage = board_common.storage
+halt = board_common.halt
+network = board_common.network
 
 
 def usb():

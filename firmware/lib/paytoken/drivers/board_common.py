@@ -49,3 +49,10 @@ def halt():
     micropython.kbd_intr(-1)
     while True:
         time.sleep(3600)
+
+
+def network(config=None):
+    # The ESP32 boards' network(config): the backend's URL over the config's Wi-Fi (imported only to go online).
+    from paytoken.drivers import wifi
+
+    return wifi.connect(config)
