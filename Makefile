@@ -63,13 +63,18 @@ endif
 
 # A unix port with the firmware frozen in, as a production ESP32 image has it (README, "Frozen builds"), built
 # from a MicroPython source tree with `make submodules` done: the bench's "firmware frozen in" heap rows and
-# tests/test_app_heap.py's frozen budget use it through PAYTOKEN_FROZEN_MICROPYTHON=build/unix-frozen/micropython.
+# tests/test_app_heap.py's 96 KB budget use it through PAYTOKEN_FROZEN_MICROPYTHON=build/unix-frozen/micropython.
+# FROZEN_BITS=32 (the default) builds it for i386, so objects have the ESP32's 4-byte pointers and 16-byte GC
+# blocks (needs gcc-multilib: apt-get install gcc-multilib); FROZEN_BITS=64 builds it for this machine.
+FROZEN_BITS ?= 32
 FROZEN_UNIX_FLAGS ?=
+FROZEN_ARCH_FLAGS = $(if $(filter 32,$(FROZEN_BITS)),CFLAGS_EXTRA=-m32 LDFLAGS_EXTRA=-m32)
 frozen-unix: firmware
-	@test -n "$(MICROPYTHON_SRC)" || (echo "usage: make frozen-unix MICROPYTHON_SRC=/path/to/micropython" >&2; exit 2)
+	@test -n "$(MICROPYTHON_SRC)" || (echo "usage: make frozen-unix MICROPYTHON_SRC=/path/to/micropython [FROZEN_BITS=32|64]" >&2; exit 2)
 	$(MAKE) -C $(MICROPYTHON_SRC)/mpy-cross
 	$(MAKE) -C $(MICROPYTHON_SRC)/ports/unix FROZEN_MANIFEST=$(abspath $(BUILD))/manifest.py \
-		BUILD=$(abspath build/unix-frozen) $(FROZEN_UNIX_FLAGS)
+		BUILD=$(abspath build/unix-frozen-$(FROZEN_BITS)) $(FROZEN_ARCH_FLAGS) $(FROZEN_UNIX_FLAGS)
+	ln -sfn unix-frozen-$(FROZEN_BITS) build/unix-frozen
 	@echo "PAYTOKEN_FROZEN_MICROPYTHON=$(abspath build/unix-frozen/micropython)"
 
 clean:

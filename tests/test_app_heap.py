@@ -5,18 +5,16 @@ role must complete a payment within its heap budget (docs/simulator.md, "Heap bu
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from paytoken import base45, wire
+from tests.harness.mp import FIRMWARE_BUILD, FROZEN, frozen_launcher, word_bits
 from tests.harness.pair import Images, run_pair
 
 # Code loaded from .mpy files lives in the heap on the unix port (64-bit): the role's code is most of this.
 HEAP_MPY = "224K"  # measured 180-195K: the payee's peak varies with timing (the radio through files)
 # With the firmware frozen into the interpreter, as a production ESP32 image has it: the device budget.
 HEAP_FROZEN = "96K"
-FROZEN = os.environ.get("PAYTOKEN_FROZEN_MICROPYTHON")  # a unix port with paytoken (and board) frozen in
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +64,19 @@ def test_each_role_pays_within_its_heap_budget(images, tmp_path):
 def test_each_role_pays_in_96k_when_frozen(images, tmp_path):
     r = run_pair(images, tmp_path / "run", payer_heap=HEAP_FROZEN, payee_heap=HEAP_FROZEN, micropython=FROZEN)
     assert r["ok"], r["story"]
+
+
+@pytest.mark.skipif(not FROZEN, reason="set PAYTOKEN_FROZEN_MICROPYTHON to a unix port with the firmware frozen in")
+def test_both_roles_pay_over_ble_in_96k_when_frozen_32bit(tmp_path):
+    # The issue's budget, as an ESP32 has it: main.py on both devices at once, each in -X heapsize=96K, over the
+    # simulated BLE radio (the simulator's `bluetooth` module, C on an ESP32, in the heap too), with display and
+    # ledger, the firmware frozen in and 4-byte pointers. Fresh keys each time: a few payments.
+    from paytoken_host.demo import pay
+
+    if word_bits(FROZEN) != 32:
+        pytest.skip("the 96 KB budget is an ESP32's: needs the 32-bit frozen build (make frozen-unix FROZEN_BITS=32)")
+    for i in range(3):
+        result = pay(tmp_path / f"run{i}", FIRMWARE_BUILD, heaps={"payer": HEAP_FROZEN, "payee": HEAP_FROZEN},
+                     launch=frozen_launcher, screens=False)
+        # pay() returns once both devices said "paid" (both records stored); a device out of heap fails it
+        assert result.paid["amount"] == "10000" and result.paid["balance"] == "90000", result.logs

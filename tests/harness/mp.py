@@ -95,6 +95,26 @@ def command(
     return [micropython_command(), "-X", f"heapsize={heapsize}", *run, *args], env
 
 
+FROZEN = os.environ.get("PAYTOKEN_FROZEN_MICROPYTHON")  # a unix port with the firmware frozen in (make frozen-unix)
+
+
+def frozen_launcher(heap: str) -> tuple[list[str], dict[str, str]]:
+    """main.py on the unix port with the firmware frozen in, as a production ESP32 image (paytoken_host.demo's
+    Launcher): code, strings and constants in the binary, only live objects in the heap."""
+    if not FROZEN:
+        raise RuntimeError("set PAYTOKEN_FROZEN_MICROPYTHON to a unix port with the firmware frozen in")
+    return [FROZEN, "-X", f"heapsize={heap}", "main.py"], dict(os.environ, MICROPYPATH=".frozen")
+
+
+@functools.cache
+def word_bits(micropython: str) -> int:
+    """32 or 64: the pointer width of a MicroPython build (an ESP32's is 32: 4-byte pointers, 16-byte GC blocks;
+    the same objects take up to twice the heap on a 64-bit build)."""
+    out = subprocess.run([micropython, "-c", "import sys; print(64 if sys.maxsize > 1 << 32 else 32)"],
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+    return int(out)
+
+
 def smallest_kb(fits, lo: int, hi: int) -> int | None:
     """The smallest heap size in KB (lo < size <= hi) for which fits(kb) is true, by bisection (fits must be
     monotonic, or made so: the bench repeats runs); None if even hi does not fit."""
