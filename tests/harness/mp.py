@@ -63,13 +63,14 @@ def romfs_heapsize(heapsize: str, image: Path | None = None) -> str:
     """The -X heapsize that leaves `heapsize` for the firmware once romboot has read the ROMFS image in.
 
     On the device the image is memory-mapped flash; on the unix port it has to sit in the heap, so what it
-    takes there is added: its 32-byte GC blocks (64-bit build), the GC's 3 bits of tables per block, and
-    one block for the bytearray's header. The VfsRom object and the mount stay in the budget, as on the
-    device.
+    takes there is added: its GC blocks of 4 words (32 bytes on a 64-bit build, 16 on a 32-bit one), the GC's
+    3 bits of tables per block, and one block for the bytearray's header. The VfsRom object and the mount stay
+    in the budget, as on the device.
     """
     size = (image or romfs_image()).stat().st_size
-    blocks = -(-size // 32) + 1
-    return str(heap_kb(heapsize) * 1024 + blocks * 32 + -(-blocks * 3 // 8))
+    block = word_bits(micropython_command()) // 2
+    blocks = -(-size // block) + 1
+    return str(heap_kb(heapsize) * 1024 + blocks * block + -(-blocks * 3 // 8))
 
 
 def command(
