@@ -174,13 +174,18 @@ def test_unreachable_payee_and_malformed_input(broker: BrokerThread, tmp_path: P
     (tmp_path / "other.key").write_bytes(Authority().device(wire.ROLE_PAYER).priv)
     (tmp_path / "payee.cert").write_bytes(payee_keys.cert)
     (tmp_path / "bad.json").write_text("{")
-    base = ["--qr", qr, "--key", str(files["key"]), "--cert", str(files["cert"]), "--issuer", str(files["issuer"]),
+    # --qr=TEXT: a base45 QR text may start with "-", which argparse would take for an option after "--qr"
+    base = [f"--qr={qr}", "--key", str(files["key"]), "--cert", str(files["cert"]), "--issuer", str(files["issuer"]),
             "--amount", "1.00", "--backend", "sim", "--radio", broker.address]
 
     def error(*changes: str, extra: tuple[str, ...] = ()) -> str:
         argv = list(base) + list(extra)
         for i in range(0, len(changes), 2):
-            argv[argv.index(changes[i]) + 1] = changes[i + 1]
+            name, value = changes[i], changes[i + 1]
+            if name == "--qr":
+                argv[0] = f"--qr={value}"
+            else:
+                argv[argv.index(name) + 1] = value
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2

@@ -1,6 +1,6 @@
 """A payer on the host: pays a paytoken payee terminal over BLE with bleak, as a payer card would.
 
-    python -m paytoken_host.hostpayer --qr TEXT --key identity.key --cert cert.bin --issuer issuer.pub \\
+    python -m paytoken_host.hostpayer --qr=TEXT --key identity.key --cert cert.bin --issuer issuer.pub \\
         --amount 100.00 [--backend sim|native] [--radio HOST:PORT] [--state FILE] [--json]
 
 An implementation of the payer's side (docs/protocol.md sections 2, 4, 5, 8 and 9) independent of the firmware's:
@@ -566,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m paytoken_host.hostpayer",
         description="Pay a paytoken payee terminal over BLE (bleak) from the host, and print the receipt.")
-    p.add_argument("--qr", required=True, metavar="TEXT", help="the payee's QR code as scanned (base45 text)")
+    p.add_argument("--qr", required=True, metavar="TEXT",
+                   help="the payee's QR code as scanned (base45 text); write --qr=TEXT, as the text may start with '-'")
     p.add_argument("--key", required=True, type=Path, metavar="FILE",
                    help="the payer's P-256 identity key: 32-byte scalar (a device store's identity.key) or PEM")
     p.add_argument("--cert", required=True, type=Path, metavar="FILE", help="the payer's certificate (cert.bin)")
