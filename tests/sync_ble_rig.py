@@ -99,6 +99,7 @@ class Rig:
     radio: str
     heap: str = HEAP
     romfs: bool = False  # the firmware's code in place from its ROMFS image (as `make deploy` installs it)
+    launch: demo.Launcher | None = None  # another way to start main.py (mp.frozen_launcher); overrides romfs
     devices: dict[str, demo.Device] = field(default_factory=dict)
     timeline: demo.Timeline = field(default_factory=demo.Timeline)
 
@@ -109,8 +110,8 @@ class Rig:
         if name == "payer":
             (self.dir / "scanner").write_text("")
             env["PAYTOKEN_SIM_SCANNER"] = str(self.dir / "scanner")
-        dev = demo.Device(name, FIRMWARE_BUILD, self.heap, env, romfs_launcher if self.romfs else demo.files_launcher,
-                          timeline=self.timeline, screens=False)
+        launch = self.launch or (romfs_launcher if self.romfs else demo.files_launcher)
+        dev = demo.Device(name, FIRMWARE_BUILD, self.heap, env, launch, timeline=self.timeline, screens=False)
         self.devices[name] = dev
         dev.until("ready" if name == "payer" else "qr", quiet)
         return dev

@@ -22,6 +22,7 @@ from paytoken.ble import gatt, syncgatt
 from paytoken.link import LinkError
 from paytoken_host.hostpayer import BleakLink, Radio
 from paytoken_host.sync_ble import BleDeviceLink, DeviceRefused, LinkLost
+from tests.harness.mp import FROZEN, frozen_launcher, word_bits
 from tests.sync_ble_rig import Paid, Rig, paid_images, quiet, relay, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +178,20 @@ HEAP_SYNC_BLE_ROMFS = os.environ.get("PAYTOKEN_SYNC_BLE_HEAP_ROMFS", "272K")
 
 def test_sync_mode_fits_its_heap_budget_from_romfs(rig):
     rig.heap, rig.romfs = HEAP_SYNC_BLE_ROMFS, True
+    for who in ("payee", "payer"):
+        end, statuses = rig.sync(who)
+        assert end["done"] == "1" and statuses == ["settled"], who
+
+
+@pytest.mark.skipif(not FROZEN, reason="set PAYTOKEN_FROZEN_MICROPYTHON to a unix port with the firmware frozen in")
+def test_sync_mode_fits_96k_when_frozen_32bit(rig):
+    # Sync mode within the device's budget (docs/simulator.md, "Heap budgets"): each app started in -X heapsize=96K
+    # with the firmware frozen in on the ESP32's word size, then held in sync mode while a relay syncs it. Measured:
+    # 93K passes, 90K does not (the sync service's 4 KB reassembly buffer finds no free block that long): a few KB
+    # of margin, against the payment's 24.
+    if word_bits(FROZEN) != 32:
+        pytest.skip("the 96 KB budget is an ESP32's: needs the 32-bit frozen build (make frozen-unix FROZEN_BITS=32)")
+    rig.heap, rig.launch = "96K", frozen_launcher
     for who in ("payee", "payer"):
         end, statuses = rig.sync(who)
         assert end["done"] == "1" and statuses == ["settled"], who
