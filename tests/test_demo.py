@@ -90,8 +90,8 @@ def test_demo_pays_settles_both_sync_orders_and_its_summary_verifies_independent
     # the terminal (Wi-Fi) lists each payment's status: 1 after the first payment, 2 after the second; the card
     # (USB serial, host/sync_bridge.py) counts them, and the bridge's own report says the same
     assert text.count("payee: status txid=") == text.count("status=settled") == 3
-    assert "payer: synced" in payer_first and "statuses=settled1" in payer_first.split("payer: synced")[1]
-    assert "statuses=settled2" in payee_first.split("payer: synced")[1]
+    assert "payer: synced" in payer_first and "statuses=settled_1" in payer_first.split("payer: synced")[1]
+    assert "statuses=settled_2" in payee_first.split("payer: synced")[1]
     assert payer_first.count("sync_bridge: done:") == payee_first.count("sync_bridge: done:") == 1
 
     # the bank: the card's load and one settlement per payment, signed webhooks; its balances match the payments

@@ -354,3 +354,29 @@ def test_the_sealed_plaintexts_decode_strictly():
                 decode(raw[:cut])
         with pytest.raises(wire.WireError, match="trailing bytes"):
             decode(raw + b"\0")
+
+
+def test_status_summary_is_one_format_for_usb_and_ble(mp):
+    # paytoken.syncwire's status summary: the firmware (MicroPython) builds the bytes the host builds; the USB relay
+    # (sync_bridge_core.parse_summary) and the BLE relay (syncgatt.decode_status) read the same body back; the
+    # newest 8 rows go; anything malformed is each relay's clear error, never a wrong value.
+    from paytoken.ble import syncgatt
+    from paytoken_host.sync_bridge_core import DeviceError, Payment, Summary, parse_summary
+
+    rows = [(1 + i % 2, bytes([i]) * 16, 100 * i, ("settled", "pending", "unconfirmed")[i % 3]) for i in range(9)]
+    hint = (bytes(range(16)), 70_000)
+    for h in (hint, None):
+        body = syncwire.status_summary(h, rows)
+        assert mp.call("paytoken.syncwire.status_summary", h, rows) == body
+        assert syncwire.decode_status_summary(body) == (h, rows[-8:])
+        assert parse_summary(body) == Summary(h, [Payment(*r) for r in rows[-8:]])
+        assert syncgatt.decode_status(syncgatt.status(h, rows)[1:]) == (h, rows[-8:])
+    body = syncwire.status_summary(hint, rows[:1])
+    damaged = body.replace(b"settled", b"settl\xffd")
+    for bad in (b"", b"\x00", b"\x02\x00", body[:-1], body + b"\x00", body[:21], damaged):
+        with pytest.raises(syncwire.WireError):
+            syncwire.decode_status_summary(bad)
+        with pytest.raises(DeviceError, match="malformed status summary"):
+            parse_summary(bad)
+        with pytest.raises(syncgatt.SyncGattError):
+            syncgatt.decode_status(bad)

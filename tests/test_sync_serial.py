@@ -52,10 +52,10 @@ def test_both_orders_settle_in_both_ledgers(rig, order):
     assert p.returncode == 0, p.stderr
     assert "exchange 1:" in p.stderr and "done:" in p.stderr
     ev = rig.until(first, "synced")
-    assert ev["statuses"] == "settled1"  # the payer has the receipt: its upload alone settles; the payee's too
+    assert ev["statuses"] == "settled_1"  # the payer has the receipt: its upload alone settles; the payee's too
     p = rig.bridge(second)
     assert p.returncode == 0, p.stderr
-    assert rig.until(second, "synced")["statuses"] == "settled1"
+    assert rig.until(second, "synced")["statuses"] == "settled_1"
     assert [r[1] for r in settled_rows(rig)] == ["settled"]
 
 
@@ -67,7 +67,7 @@ def test_relayed_twice_through_two_bridges_settles_once(rig):
     b = rig.bridge("payer")  # a second bridge: the device has already had its answers; nothing changes
     assert b.returncode == 0, b.stderr
     again = rig.until("payer", "synced")
-    assert first["statuses"] == again["statuses"] == "settled1" and first["balance"] == again["balance"]
+    assert first["statuses"] == again["statuses"] == "settled_1" and first["balance"] == again["balance"]
     assert again["applied"] == first["applied"]  # the handler's running count did not grow: nothing new applied
     assert len(settled_rows(rig)) == 1
 
@@ -81,13 +81,13 @@ def test_stay_brings_the_second_device_its_status(rig):
     stay = rig.bridge_bg("payer", "--stay", "--wait", "5")
     try:
         first = rig.until("payer", "synced")
-        assert first["statuses"] == "settled1" and first["balance"] == "90000"
+        assert first["statuses"] == "settled_1" and first["balance"] == "90000"
         rig.pay()
         p = rig.bridge("payee")
         assert p.returncode == 0, p.stderr
-        assert rig.until("payee", "synced")["statuses"] == "settled2"
+        assert rig.until("payee", "synced")["statuses"] == "settled_2"
         woken = rig.until("payer", "synced", 60)  # no other run: the long-poll woke the payer's bridge
-        assert woken["statuses"] == "settled2" and woken["balance"] == "80000"
+        assert woken["statuses"] == "settled_2" and woken["balance"] == "80000"
         rig.template.voucher(rig.db_url, rig.template.payer_id, 5_000)
         assert rig.until("payer", "synced", 60)["balance"] == "85000"
     finally:
@@ -159,7 +159,7 @@ def test_hostile_relay_changes_nothing(rig):
         finally:
             link.close()
         assert r.syncs == 1 and link.tampered > 0 and link.duplicated > 0
-        assert rig.until(name, "synced")["statuses"] == "settled1"
+        assert rig.until(name, "synced")["statuses"] == "settled_1"
     assert [r[1] for r in settled_rows(rig)] == ["settled"]
     assert rig.until("payer", "usb", 10)  # the apps still run
 
@@ -199,7 +199,7 @@ def test_bad_input(rig, tmp_path):
     rig.serve()
     p = rig.bridge("payer")
     assert p.returncode == 0, p.stderr
-    assert rig.until("payer", "synced")["statuses"] == "settled1"
+    assert rig.until("payer", "synced")["statuses"] == "settled_1"
 
 
 def core_cli(*args: str) -> list[str]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from paytoken import syncwire
 from paytoken.usb import frames
 
 # Exit codes of host/sync_bridge.py, per failure kind.
@@ -90,31 +91,20 @@ class Payment:
 
 @dataclass
 class Summary:
-    """A device's SYNC_STATUS body (docs/protocol.md §11)."""
+    """A device's status summary (docs/protocol.md §10, "Status summary"): its wake hint and recent payments."""
 
     wake: tuple[bytes, int] | None
     payments: list[Payment]
 
 
 def parse_summary(body: bytes) -> Summary:
+    """A device's status summary (paytoken.syncwire.status_summary: USB SYNC_STATUS, BLE STATUS); DeviceError if
+    malformed."""
     try:
-        n = body[0]
-        token, cursor = body[1:1 + n], int.from_bytes(body[1 + n:5 + n], "big")
-        off = 5 + n
-        rows = body[off]
-        off += 1
-        payments = []
-        for _ in range(rows):
-            role, txid, amount = body[off], body[off + 1:off + 17], int.from_bytes(body[off + 17:off + 21], "big")
-            k = body[off + 21]
-            status = body[off + 22:off + 22 + k].decode()
-            off += 22 + k
-            payments.append(Payment(role, bytes(txid), amount, status))
-        if off != len(body) or n not in (0, 16) or len(token) != n:
-            raise ValueError("length")
-    except (IndexError, ValueError, UnicodeDecodeError) as e:
+        hint, rows = syncwire.decode_status_summary(body)
+    except syncwire.WireError as e:
         raise DeviceError(f"malformed status summary from the device ({e})") from None
-    return Summary((bytes(token), cursor) if n else None, payments)
+    return Summary(hint, [Payment(*row) for row in rows])
 
 
 class SerialDeviceLink:

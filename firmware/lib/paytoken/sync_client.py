@@ -186,6 +186,20 @@ class SyncClient:
         return self.request() is None
 
 
+def counts(wallet):
+    # "pending 1, settled 2": the newest payments (syncwire.SUMMARY_ROWS of them) counted by status, for the
+    # screen after a sync over any transport; "no payments" without any
+    n = {}
+    for _, _, _, status in statuses(wallet, syncwire.SUMMARY_ROWS):
+        n[status] = n.get(status, 0) + 1
+    return ", ".join("%s %d" % kv for kv in sorted(n.items())) or "no payments"
+
+
+def field(text):
+    # A screen text as one field of an event line: "pending_1+settled_2"
+    return text.replace(", ", "+").replace(" ", "_")
+
+
 def statuses(wallet, limit=4):
     # The device's newest payments for the screen, oldest first: (role, txid, amount, status), status one of
     # "unconfirmed" (sent, no receipt: the backend resolves it), "pending" (complete, not yet settled),

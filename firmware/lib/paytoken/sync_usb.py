@@ -6,18 +6,13 @@
 #   SYNC_PULL   ()     -> the next sealed message 1, or an empty body: nothing more to say (the sync is over)
 #   SYNC_PUSH   (msg2) -> applied u8, then the status summary; E_REFUSED: a damaged or misdirected answer
 #                         (nothing applied: pull again), E_SYNC: the backend refused the sync (final)
-#   SYNC_STATUS ()     -> the status summary:
-#                         token_len u8 (0 or 16), wake token, cursor u32, n u8, n x (role u8, txid 16,
-#                         amount u32, status_len u8, status ASCII)
+#   SYNC_STATUS ()     -> the status summary (paytoken.syncwire.status_summary, the same as BLE STATUS's)
 # A push repeated byte for byte (the relay did not get the response) gets the same response again, nothing
 # applied twice. on_sync(handler) is called when a sync ends (a pull with nothing more to say).
-from micropython import const
-
 from paytoken.sync_client import SyncClient, SyncError, statuses
+from paytoken.syncwire import SUMMARY_ROWS, status_summary
 from paytoken.usb import frames
 from paytoken.usb.service import Error
-
-ROWS = const(4)  # payments the status summary lists, the newest
 
 
 class SyncHandler:
@@ -79,28 +74,4 @@ class SyncHandler:
 
     def summary(self):
         hint = self.last.wake_hint() if self.last is not None else None
-        out = bytearray()
-        if hint is None:
-            out += bytes(5)
-        else:
-            out.append(len(hint[0]))
-            out += hint[0]
-            out += hint[1].to_bytes(4, "big")
-        rows = statuses(self.wallet, ROWS)
-        out.append(len(rows))
-        for role, txid, amount, status in rows:
-            s = str(status).encode()
-            out.append(role)
-            out += txid
-            out += amount.to_bytes(4, "big")
-            out.append(len(s))
-            out += s
-        return bytes(out)
-
-
-def counts(wallet):
-    # "settled 1, pending 2": the recent payments by status, for the screen and the log
-    n = {}
-    for _, _, _, status in statuses(wallet, ROWS):
-        n[status] = n.get(status, 0) + 1
-    return ", ".join("%s %d" % kv for kv in sorted(n.items())) or "no payments"
+        return status_summary(hint, statuses(self.wallet, SUMMARY_ROWS))

@@ -205,3 +205,57 @@ def decode_answer(data):
     if off != n:
         raise WireError("sync answer: trailing bytes")
     return up, synced, ust, cursor, bool(more), error, updates, wake
+
+
+# ---- status summary (device -> relay, in the clear): the wake hint and the newest payments' statuses ----
+# The body of USB SYNC_STATUS (and of SYNC_PUSH after its applied count) and of BLE STATUS_R, one format:
+# hint u8 (1: wake token 16 + status cursor u32 follow; 0: none yet) + n u8 + n x (role u8, txid 16, amount u32,
+# status length u8, status ASCII), oldest first. Nothing secret: the relay shows it and long-polls with the hint.
+SUMMARY_ROWS = const(8)  # payments a summary lists at most, the newest
+_SUM_ROW = ">B16sIB"
+_SUM_ROW_LEN = const(22)
+
+
+def status_summary(hint, rows):
+    # hint: (wake token, cursor) or None; rows: [(role, txid, amount, status text)], oldest first
+    rows = rows[-SUMMARY_ROWS:]
+    parts = [b"\x00" if hint is None else b"\x01" + bytes(hint[0]) + struct.pack(">I", hint[1]),
+             bytes((len(rows),))]
+    for role, txid, amount, text in rows:
+        t = text.encode()
+        parts.append(struct.pack(_SUM_ROW, role, bytes(txid), amount, len(t)))
+        parts.append(t)
+    return b"".join(parts)
+
+
+def decode_status_summary(body):
+    # (hint or None, [(role, txid, amount, status)]); WireError if malformed
+    mv = memoryview(body)
+    n = len(mv)
+    if n < 2 or mv[0] > 1:
+        raise WireError("status summary: too short" if n < 2 else "status summary: bad hint flag")
+    hint = None
+    off = 1
+    if mv[0] == 1:
+        off = 5 + WAKE_LEN
+        if n < off + 1:
+            raise WireError("status summary: truncated")
+        hint = (bytes(mv[1:1 + WAKE_LEN]), struct.unpack_from(">I", mv, 1 + WAKE_LEN)[0])
+    count = mv[off]
+    off += 1
+    rows = []
+    for _ in range(count):
+        if off + _SUM_ROW_LEN > n:
+            raise WireError("status summary: truncated")
+        role, txid, amount, ln = struct.unpack_from(_SUM_ROW, mv, off)
+        off += _SUM_ROW_LEN
+        if off + ln > n:
+            raise WireError("status summary: truncated")
+        text = bytes(mv[off:off + ln])
+        if any(c < 0x20 or c > 0x7E for c in text):
+            raise WireError("status summary: status not printable ASCII")
+        rows.append((role, txid, amount, str(text, "ascii")))
+        off += ln
+    if off != n:
+        raise WireError("status summary: trailing bytes")
+    return hint, rows

@@ -23,7 +23,8 @@ from paytoken.ble.irq import dispatcher
 from paytoken.ble.peripheral import Peripheral
 from paytoken.framing import MAX_MESSAGE
 from paytoken.link import LinkError
-from paytoken.sync_client import SyncClient, SyncError, statuses
+from paytoken.sync_client import SyncClient, SyncError, counts, field, statuses
+from paytoken.syncwire import SUMMARY_ROWS
 
 WINDOW_MS = const(60000)  # sync mode lasts this long unless a relay completes the sync first
 IDLE_MS = const(20000)  # a relay's next request must come within this long
@@ -45,19 +46,6 @@ async def _retry(fn):
         await asyncio.sleep_ms(100)
 
 
-def summary(wallet):
-    # "settled 2 pending 1": the recent payments' statuses, counted
-    counts = []
-    for _, _, _, st in statuses(wallet, syncgatt.STATUS_ROWS):
-        for c in counts:
-            if c[0] == st:
-                c[1] += 1
-                break
-        else:
-            counts.append([st, 1])
-    return " ".join("%s %d" % (st, n) for st, n in counts) or "no payments"
-
-
 def handle(client, wallet, req):
     # One relay request -> the response (syncgatt). Refusals are answered, never raised.
     op = req[0]
@@ -68,7 +56,7 @@ def handle(client, wallet, req):
         if op == syncgatt.PUSH and len(req) > 1:
             return syncgatt.pushed(client.answer(memoryview(req)[1:]))
         if op == syncgatt.STATUS and len(req) == 1:
-            return syncgatt.status(client.wake_hint(), statuses(wallet, syncgatt.STATUS_ROWS))
+            return syncgatt.status(client.wake_hint(), statuses(wallet, SUMMARY_ROWS))
         return syncgatt.error(False, "bad request 0x%02x (%d bytes)" % (op, len(req)))
     except SyncError as e:
         return syncgatt.error(e.final, str(e))
@@ -99,7 +87,7 @@ async def run(wallet, backend_kx, name, screen, log, keys, restore=None):
             client = SyncClient(wallet, backend_kx)
         except SyncError as e:
             log("sync_ble_end", "done=0 why=%s" % str(e).replace(" ", "_"))
-            screen.show("sync_ble", "not synced", str(e))
+            screen.show("sync", "BLE", "not synced", str(e))
             return str(e)
         p = await _retry(lambda: Peripheral(ble, name, max_message=MAX_MESSAGE, uuids=syncgatt.UUIDS))
         adv = syncgatt.adv_payload()
@@ -107,7 +95,7 @@ async def run(wallet, backend_kx, name, screen, log, keys, restore=None):
         keys.clear()
         relays = 0
         while not client.finished and ticks_diff(deadline, ticks_ms()) > 0:
-            screen.show("sync_ble", "waiting", name)
+            screen.show("sync", "BLE", "waiting", name)
             log("sync_ble_ready", "name=%s relays=%d" % (name, relays))
             p.advertise(adv)
             link = None
@@ -120,16 +108,16 @@ async def run(wallet, backend_kx, name, screen, log, keys, restore=None):
                 break
             relays += 1
             log("sync_ble_relay", "n=%d" % relays)
-            screen.show("sync_ble", "syncing", name)
+            screen.show("sync", "BLE", "syncing", name)
             why = await serve(link, client, wallet, log)
             link.close()
             p.stop()
             log("sync_ble_left", "why=%s exchanges=%d finished=%d" % (why, client.exchanges, client.finished))
         done = client.finished and client.error is None
-        line = summary(wallet) if done else (client.error or "not synced")
+        line = counts(wallet) if done else (client.error or "not synced")
         log("sync_ble_end", "done=%d exchanges=%d applied=%d uploaded=%d statuses=%s" % (
-            done, client.exchanges, client.applied, client.uploaded, line.replace(" ", "_")))
-        screen.show("sync_ble", "synced" if done else "not synced", line)
+            done, client.exchanges, client.applied, client.uploaded, field(line)))
+        screen.show("sync", "BLE", "synced" if done else "not synced", line)
         return line
     finally:
         if p is not None:

@@ -2,7 +2,7 @@
 # showing its QR, the card ready to scan). An asyncio task looks at the port between the app's turns with a
 # non-blocking read of a few bytes; nothing of the USB service or of sync is loaded until a frame arrives. Then
 # it loads paytoken.usb.service and paytoken.sync_usb lazily, serves requests until the relay has been quiet for
-# IDLE_MS, shows the sync's outcome for a while (screen 'sync_status') and unloads what it loaded, so nothing
+# IDLE_MS, shows the sync's outcome for a while (screen 'sync', via USB) and unloads what it loaded, so nothing
 # of sync is in RAM while paying. While a payment session is under way (app.busy) every request gets E_BUSY,
 # built here without loading the frame codec, and the relay asks again later.
 #
@@ -109,12 +109,12 @@ class UsbWatch:
             await self._restore(prev, shown[-1])
 
     def _synced(self, h):
-        from paytoken.sync_usb import counts
+        from paytoken.sync_client import counts, field
 
         text = counts(self.wallet)
         self.log("synced", "applied=%d uploaded=%d balance=%d statuses=%s" % (
-            h.applied, h.last.uploaded, self.wallet.balance, text.replace(" ", "").replace(",", "+")))
-        self.screen.show("sync_status", text)
+            h.applied, h.last.uploaded, self.wallet.balance, field(text)))
+        self.screen.show("sync", "USB", "synced", text)
         return self.screen.state
 
     async def _restore(self, prev, ours):
@@ -123,5 +123,5 @@ class UsbWatch:
             await asyncio.sleep_ms(POLL_MS)
             if self.screen.state is not ours or getattr(self.app, "busy", False):
                 return  # the app moved on: its screen stays
-        if prev is not None and prev[0] != "sync_status":
+        if prev is not None and prev[0] != "sync":
             self.screen.show(*prev)

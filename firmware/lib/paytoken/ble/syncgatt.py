@@ -8,11 +8,11 @@
 # request, one response, in turn:
 #   PULL                 -> PULLED + the sync client's next sealed message 1 (nothing after the byte: no more)
 #   PUSH + message 2     -> PUSHED + u16 updates applied
-#   STATUS               -> STATUS_R + u8 hint (1: a wake hint follows) [+ wake token 16 + cursor u32]
-#                           + u8 n + n x (role u8, txid 16, amount u32, status length u8, status ASCII)
+#   STATUS               -> STATUS_R + the status summary (paytoken.syncwire.status_summary, as over USB)
 # Anything refused     -> ERROR + u8 final (1: the backend refused, the device stops; 0: ask again) + reason ASCII
 import struct
 
+from paytoken import syncwire
 from paytoken.ble.gatt import COMPANY_ID, uuid_le
 
 try:
@@ -36,8 +36,6 @@ PUSHED = const(0x82)
 STATUS_R = const(0x83)
 ERROR = const(0xFF)
 SYNC_FORMAT = const(2)  # manufacturer data format byte of a device in sync mode (the payee's nonce tag is 1)
-STATUS_ROWS = const(8)  # payments a STATUS response lists at most
-_ROW = ">B16sIB"
 
 
 class SyncGattError(ValueError):
@@ -59,16 +57,8 @@ def error(final, reason):
 
 
 def status(hint, rows):
-    # hint: (wake token, cursor) or None; rows: [(role, txid, amount, status text)], newest last
-    parts = [bytes((STATUS_R, 0 if hint is None else 1))]
-    if hint is not None:
-        parts.append(bytes(hint[0]) + struct.pack(">I", hint[1]))
-    rows = rows[-STATUS_ROWS:]
-    parts.append(bytes((len(rows),)))
-    for role, txid, amount, text in rows:
-        t = text.encode()
-        parts.append(struct.pack(_ROW, role, bytes(txid), amount, len(t)) + t)
-    return b"".join(parts)
+    # hint: (wake token, cursor) or None; rows: [(role, txid, amount, status text)], oldest first
+    return bytes((STATUS_R,)) + syncwire.status_summary(hint, rows)
 
 
 # --- the relay's side: responses decoded (SyncGattError for anything malformed) ---
@@ -96,25 +86,6 @@ def decode_pushed(body):
 def decode_status(body):
     # (hint or None, [(role, txid, amount, status)])
     try:
-        off = 1
-        hint = None
-        if body[0] == 1:
-            hint = (bytes(body[1:17]), struct.unpack_from(">I", body, 17)[0])
-            off = 21
-        n = body[off]
-        off += 1
-        rows = []
-        for _ in range(n):
-            role, txid, amount, ln = struct.unpack_from(_ROW, body, off)
-            off += struct.calcsize(_ROW)
-            text = bytes(body[off:off + ln])
-            if len(text) != ln:
-                raise SyncGattError("status: truncated")
-            off += ln
-            rows.append((role, txid, amount, text.decode()))
-    except (IndexError, struct.error, UnicodeError):
-        raise SyncGattError("status: malformed")
-    if off != len(body):
-        raise SyncGattError("status: trailing bytes")
-    return hint, rows
-
+        return syncwire.decode_status_summary(body)
+    except syncwire.WireError as e:
+        raise SyncGattError(str(e))

@@ -17,9 +17,9 @@
 #   ('payer_balance', balance, currency, last_payments)  last_payments: [(role, amount, state), ...] with
 #                                               role wire.ROLE_PAYER (money out) or ROLE_PAYEE (money in)
 #   ('unprovisioned', detail)                   no complete device store: the device does not pay
-#   ('sync_status', text)                       a sync over a relay ended: the recent payments' statuses
-#   ('sync_ble', state, detail)                 BLE sync mode: "waiting" / "syncing" (detail: the name it
-#                                               advertises), "synced" / "not synced" (detail: "settled 1", why)
+#   ('sync', via, state, detail)                a sync through a relay, via "USB" or "BLE" (the title): "waiting" /
+#                                               "syncing" (detail: the name BLE sync mode advertises), "synced" /
+#                                               "not synced" (detail: the statuses counted, "settled 1", or why)
 #   ('sync_statuses', title, last[, currency])  after the device synced itself: last as payer_balance's
 #                                               (its newest payments' statuses), or the text of why it failed
 #
@@ -317,13 +317,8 @@ def unprovisioned(fb, w, h, detail):
     _stack(fb, 0, w, top, h, [("Device not provisioned", kt, 2), (detail, 1, 3)], 1)
 
 
-def sync_status(fb, w, h, text):
-    top, kt, _ = _frame(fb, w, h, "SYNCED")
-    _stack(fb, 0, w, top, h, [(text, kt, 3)], 1)
-
-
-def sync_ble(fb, w, h, state, detail):
-    top, kt, _ = _frame(fb, w, h, "BLE SYNC")
+def sync(fb, w, h, via, state, detail):
+    top, kt, _ = _frame(fb, w, h, via + " SYNC")
     if state == "waiting":
         items = [("Waiting for relay", kt, 2), ("as " + detail, kt, 2)]
     elif state == "syncing":
@@ -395,8 +390,7 @@ _SCREENS = {
     "payer_working": (payer_working, 1, 1),
     "payer_unconfirmed": (payer_unconfirmed, 2, 2),
     "unprovisioned": (unprovisioned, 1, 1),
-    "sync_status": (sync_status, 1, 1),
-    "sync_ble": (sync_ble, 2, 2),
+    "sync": (sync, 3, 3),
     "sync_statuses": (sync_statuses, 2, 3),
 }
 NAMES = tuple(sorted(_SCREENS))
