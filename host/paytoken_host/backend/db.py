@@ -281,6 +281,14 @@ def read_tx(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
+def upsert(conn: Connection, table: Table):
+    """INSERT with the dialect's ON CONFLICT clauses (.on_conflict_do_nothing / .on_conflict_do_update)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
+
+
 def get_setting(conn: Connection, key: str) -> str | None:
     from sqlalchemy import select
 

@@ -213,12 +213,21 @@ def batch_json(device_id: bytes, base_seq: int, base_hash: bytes, records: Itera
 
 
 # ---- building a batch from a device's ledger (CPython; the firmware sync client produces the same) ----
+# A RCVD record holds the payment's fields from amount to time and then its signature in the payment's own
+# order and widths (wire.LEDGER_RCVD, wire's payment layout): the payment is rebuilt by slicing, without
+# unpacking and packing every field (the upload's hot path). test_backend_formats checks it against
+# wire.payment_body.
+_RCVD_PAYER = slice(1, 1 + wire.ID_LEN)
+_RCVD_COUNTER = slice(1 + struct.calcsize(">8sIH"), 1 + struct.calcsize(">8sIHI"))
+_RCVD_PAYMENT_TAIL = slice(_RCVD_PAYER.stop, 1 + struct.calcsize(">8sIHII32s8s32sI64s"))
+_PAYMENT_HEAD = bytes((wire.T_PAYMENT, wire.VERSION))
+
+
 def rebuild_payment_rcvd(payee_id: bytes, payload: bytes) -> bytes:
-    """The payer's signed payment a RCVD record stands for."""
-    f = struct.unpack_from(RCVD_FMT, payload, 1)
-    payer_id, amount, currency, counter, spent, prev, nonce, hs, time, sig = f[:10]
-    return wire.payment_body(wire.txid(payer_id, counter), payer_id, payee_id, amount, currency, counter, spent,
-                             prev, nonce, hs, time) + sig
+    """The payer's signed payment a RCVD record stands for (payload: a whole RCVD record, length checked)."""
+    payer_id = payload[_RCVD_PAYER]
+    txid = wire.txid(payer_id, int.from_bytes(payload[_RCVD_COUNTER], "big"))
+    return _PAYMENT_HEAD + txid + payer_id + payee_id + payload[_RCVD_PAYMENT_TAIL]
 
 
 def build_batch(ledger_path: str, cert: bytes, sign, since_seq: int | None = None, certs: Iterable[bytes] = (),

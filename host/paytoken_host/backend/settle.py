@@ -41,6 +41,7 @@ from paytoken_host.backend.verify import PaymentObs, Reject, Verified
 
 DAY = 86_400
 FINAL = ("settled", "voided", "refunded", "rejected")
+OPEN = "state IN ('pending', 'held')"  # payments not yet final
 _MUTABLE = ("receipt", "receipt_status", "payer_seq", "payer_result", "state", "reason", "expires_at", "final_at",
             "entry_id", "payer_status", "payer_upd", "payee_status", "payee_upd")
 _DEVICE_STATE = ("synced_seq", "synced_hash", "payer_counter", "prev_hash", "offline_spent", "last_sent",
@@ -63,17 +64,20 @@ def in_(conn: Connection, col, values: list):
     return col.in_(values)
 
 
-def rows_where_any(conn: Connection, table, col: str, values: list, extra: str = "", lock: bool = False
-                   ) -> list[dict]:
-    """SELECT * FROM table WHERE col = ANY(values) [extra], as dicts. On PostgreSQL the list goes as one binary
-    array parameter (psycopg's text arrays of bytea escape every element: slow for hundreds of ids)."""
+def rows_where_any(conn: Connection, table, col: str, values: list, extra: str = "", lock: bool = False,
+                   columns: tuple[str, ...] = ()) -> list[dict]:
+    """SELECT * (or the columns named) FROM table WHERE col = ANY(values) [extra], as dicts. On PostgreSQL the
+    list goes as one binary array parameter (psycopg's text arrays of bytea escape every element: slow for
+    hundreds of ids)."""
     if conn.dialect.name != "postgresql":
-        q = select(table).where(table.c[col].in_(values))
+        q = select(*(table.c[c] for c in columns)) if columns else select(table)
+        q = q.where(table.c[col].in_(values))
         if extra:
             q = q.where(text(extra))
         return [dict(r._mapping) for r in conn.execute(q)]
     cur = conn.connection.driver_connection.cursor()
-    sql = f"SELECT * FROM {table.name} WHERE {col} = ANY(%b) {('AND ' + extra) if extra else ''}"
+    sql = f"SELECT {', '.join(columns) or '*'} FROM {table.name} WHERE {col} = ANY(%b) " \
+          f"{('AND ' + extra) if extra else ''}"
     if lock:
         sql += f" ORDER BY {col} FOR UPDATE"
     cur.execute(sql, [list(values)])
@@ -216,8 +220,7 @@ class Settlement:
         P = db.payments
         payers = sorted({d.payment.payer_id for _, k, d in v.events if k in (F.K_SENT, F.K_RCVD)})
         if payers:
-            ids.update(conn.execute(select(P.c.payee_id).distinct().where(
-                in_(conn, P.c.payer_id, payers) & P.c.state.in_(("pending", "held")))).scalars())
+            ids.update(r["payee_id"] for r in rows_where_any(conn, P, "payer_id", payers, OPEN, columns=("payee_id",)))
         devs = lock_devices(conn, ids)
         me = devs[dev_id]
         if me["revoked_at"] is not None:
@@ -306,7 +309,7 @@ class Settlement:
                 ctx.rows[r["txid"]] = r
         payers = sorted({o.payment.payer_id for o in obs})
         if payers:
-            for r in rows_where_any(conn, P, "payer_id", payers, "state IN ('pending', 'held')"):
+            for r in rows_where_any(conn, P, "payer_id", payers, OPEN):
                 ctx.rows.setdefault(r["txid"], r)
         extra = {r["payee_id"] for r in ctx.rows.values()} | {r["payer_id"] for r in ctx.rows.values()}
         extra -= set(ctx.devs)
@@ -623,7 +626,7 @@ class Settlement:
                 raise Reject(404, "unknown device")
             ctx = Ctx(conn, now, self.expiry, devs, {})
             changed = revoke_device(conn, devs[device_id], reason, now)
-            for r in rows_where_any(conn, P, "payer_id", [device_id], "state IN ('pending', 'held')"):
+            for r in rows_where_any(conn, P, "payer_id", [device_id], OPEN):
                 if r["payee_id"] in devs:
                     ctx.rows[r["txid"]] = r
                     ctx.finish(r, "rejected", f"payer revoked: {reason}", wire.ST_REJECTED, wire.ST_REJECTED)
