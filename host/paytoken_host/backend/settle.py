@@ -29,8 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from sqlalchemy import Connection, Engine, any_, bindparam, insert, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Connection, Engine, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from paytoken import reasons, wire
@@ -55,13 +54,6 @@ _TIME = _SPENT
 @lru_cache(maxsize=1 << 16)
 def txid(payer_id: bytes, counter: int) -> bytes:
     return wire.txid(payer_id, counter)
-
-
-def in_(conn: Connection, col, values: list):
-    """col IN values; on PostgreSQL as = ANY(array), one parameter however long the list."""
-    if conn.dialect.name == "postgresql":
-        return col == any_(bindparam(None, list(values), type_=ARRAY(col.type)))
-    return col.in_(values)
 
 
 def rows_where_any(conn: Connection, table, col: str, values: list, extra: str = "", lock: bool = False,
@@ -532,11 +524,9 @@ class Settlement:
     def _load_balances(self, ctx: Ctx) -> None:
         """The offline balances of every payer with a payment waiting, in one query."""
         names = sorted({journal.offline(r["payer_id"]) for r in ctx.rows.values() if r["state"] == "held"})
-        A = db.accounts
         for i in range(0, len(names), 900):
-            for name, bal in ctx.conn.execute(select(A.c.name, A.c.balance).where(
-                    in_(ctx.conn, A.c.name, names[i:i + 900]))):
-                ctx.balances[name] = bal
+            for r in rows_where_any(ctx.conn, db.accounts, "name", names[i:i + 900], columns=("name", "balance")):
+                ctx.balances[r["name"]] = r["balance"]
         for name in names:
             ctx.balances.setdefault(name, 0)
 
