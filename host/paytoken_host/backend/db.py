@@ -8,6 +8,7 @@ upgrade) and on PostgreSQL relies on row locks (`lock_devices`, SELECT ... FOR U
 from __future__ import annotations
 
 import fcntl
+import operator
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -330,10 +331,11 @@ def insert_many(conn: Connection, table: Table, rows: list[dict]) -> None:
     cur = _raw_cursor(conn)
     # bytea by oid would get psycopg's DB-API Binary dumper (Python code per value): bytes' own is C
     cur.adapters.register_dumper(bytes, BytesBinaryDumper)
+    values = operator.itemgetter(*names) if len(names) > 1 else lambda r: (r[names[0]],)  # a row's, as a tuple
     with cur.copy(f"COPY {table.name} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types([_pg_type(c) for c in cols])
         for r in rows:
-            copy.write_row([r[n] for n in names])
+            copy.write_row(values(r))
 
 
 def update_many(conn: Connection, table: Table, key: str, cols: Sequence[str], rows: list[dict],

@@ -47,6 +47,7 @@ _DEVICE_STATE = ("synced_seq", "synced_hash", "payer_counter", "prev_hash", "off
                  "rcvd_count", "acked_upto", "vouchers_seen", "update_seq", "revoked_at", "revoke_reason")
 
 
+_PARTIES = (("payer_id", "payer_status", "payer_upd"), ("payee_id", "payee_status", "payee_upd"))  # Ctx.tell
 _SPENT = struct.Struct(">I")  # payment offsets (protocol.md section 4): offline spending at 44, time at 120
 _TIME = _SPENT
 
@@ -144,12 +145,12 @@ class Ctx:
 
     def tell(self, row: dict, payer_status: int | None, payee_status: int | None) -> None:
         """Queue the backend-signed statuses the payer and payee fetch (signed when they fetch them)."""
-        for who, status in (("payer", payer_status), ("payee", payee_status)):
-            if status is None or row[who + "_status"] == status:
+        for (who, st, upd), status in zip(_PARTIES, (payer_status, payee_status), strict=True):
+            if status is None or row[st] == status:
                 continue
-            dev = self.devs[row[who + "_id"]]
+            dev = self.devs[row[who]]
             dev["update_seq"] += 1
-            row[who + "_status"], row[who + "_upd"] = status, dev["update_seq"]
+            row[st], row[upd] = status, dev["update_seq"]
         self.touch(row)
 
     def finish(self, row: dict, state: str, reason: str | None, payer_status: int | None,

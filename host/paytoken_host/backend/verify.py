@@ -67,7 +67,7 @@ def check_cert(raw: bytes, issuer_pub: bytes) -> wire.Certificate:
     return cert
 
 
-@dataclass
+@dataclass(slots=True)
 class PaymentObs:
     """One signed payment as a record shows it, with its receipt if the record has one."""
 
