@@ -226,11 +226,11 @@ def batch_json(device_id: bytes, base_seq: int, base_hash: bytes, records: Itera
 # ---- building a batch from a device's ledger (CPython; the firmware sync client produces the same) ----
 # A RCVD record holds the payment's fields from amount to time and then its signature in the payment's own
 # order and widths (wire.LEDGER_RCVD, wire's payment layout): the payment is rebuilt by slicing, without
-# unpacking and packing every field (the upload's hot path). test_backend_formats checks it against
-# wire.payment_body.
+# unpacking and packing every field (the upload's hot path). A test in test_backend_settlement checks it
+# against wire.payment_body.
 _RCVD_PAYER = slice(1, 1 + wire.ID_LEN)
-_RCVD_COUNTER = slice(1 + struct.calcsize(">8sIH"), 1 + struct.calcsize(">8sIHI"))
-_RCVD_PAYMENT_TAIL = slice(_RCVD_PAYER.stop, 1 + struct.calcsize(">8sIHII32s8s32sI64s"))
+_RCVD_COUNTER = slice(1 + struct.calcsize(">8sIH"), 1 + struct.calcsize(">8sIHI"))  # after payer, amount, currency
+_RCVD_PAYMENT_TAIL = slice(_RCVD_PAYER.stop, _RCVD_LEN - struct.calcsize(">BI"))  # up to receipt status and time
 _PAYMENT_HEAD = bytes((wire.T_PAYMENT, wire.VERSION))
 
 
