@@ -486,3 +486,15 @@ def test_a_sealed_answer_fits_the_devices_largest_message(env):
         assert sum(len(u) + 2 for u in statuses) <= sealed.UPDATES_BUDGET
         seen += [wire.decode_status(u).txid for u in statuses]
     assert len(seen) == len(set(seen)) == 40
+
+
+def test_rcvd_record_rebuilds_the_payment_byte_for_byte():
+    """formats.rebuild_payment_rcvd slices the payment out of a RCVD record: the same bytes as packing its fields."""
+    for _ in range(20):
+        payer, payee, prev, nonce, hs, sig = (os.urandom(n) for n in (8, 8, 32, 8, 32, 64))
+        amount, counter, spent, t = (int.from_bytes(os.urandom(4), "big") for _ in range(4))
+        payload = bytes((F.K_RCVD,)) + struct.pack(F.RCVD_FMT, payer, amount, 840, counter, spent, prev, nonce, hs,
+                                                     t, sig, reasons.OK, t)
+        expected = wire.payment_body(wire.txid(payer, counter), payer, payee, amount, 840, counter, spent, prev,
+                                     nonce, hs, t) + sig
+        assert F.rebuild_payment_rcvd(payee, payload) == expected

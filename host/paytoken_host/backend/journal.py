@@ -32,13 +32,23 @@ def post(conn: Connection, kind: str, ref: str, lines: dict[str, int], now: int)
     lines = {a: v for a, v in lines.items() if v}
     if sum(lines.values()) != 0:
         raise ValueError(f"unbalanced journal entry {kind} {ref}: {lines}")
+    moves = [{"name": a, "balance": v} for a, v in sorted(lines.items())]
+    if moves and conn.dialect.name == "postgresql":  # entry, lines and balances in one statement
+        return db.pg_rows(conn, _PG_POST, [kind, ref, now, [m["name"] for m in moves], [m["balance"] for m in moves],
+                                           *db.update_many_params("name", ("balance",), moves)])[0]["id"]
     entry = conn.execute(insert(db.journal_entries).values(kind=kind, ref=ref, created_at=now)).inserted_primary_key[0]
-    if lines:
-        db.insert_many(conn, db.journal_lines, [{"entry_id": entry, "account": a, "amount": v}
-                                                for a, v in sorted(lines.items())])
-        db.update_many(conn, db.accounts, "name", ("balance",),
-                       [{"name": a, "balance": v} for a, v in sorted(lines.items())], add=True)
+    if moves:
+        db.insert_many(conn, db.journal_lines, [{"entry_id": entry, "account": m["name"], "amount": m["balance"]}
+                                                for m in moves])
+        db.update_many(conn, db.accounts, "name", ("balance",), moves, add=True)
     return entry
+
+
+_PG_POST = (
+    "WITH e AS (INSERT INTO journal_entries (kind, ref, created_at) VALUES (%s, %s, %s) RETURNING id), "
+    "l AS (INSERT INTO journal_lines (entry_id, account, amount) SELECT e.id, v.account, v.amount "
+    "FROM e, unnest(%b::varchar[], %b::bigint[]) WITH ORDINALITY AS v(account, amount, n) ORDER BY v.n), "
+    f"a AS ({db.update_many_sql(db.accounts, 'name', ('balance',), add=True)}) SELECT id FROM e")
 
 
 def balance(conn: Connection, name: str) -> int:

@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable
 
 import httpx
-from sqlalchemy import Connection, Engine, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, select, update
 
 from paytoken_host.backend import db
 from paytoken_host.webhook import signature
@@ -29,12 +28,10 @@ MAX_BACKOFF = 600
 def enqueue(conn: Connection, key: str, kind: str, payload: dict, now: int) -> None:
     body = json.dumps({"kind": kind, "idempotency_key": key, "created_at": now, **payload}, separators=(",", ":"),
                       sort_keys=True)
-    try:
-        with conn.begin_nested():
-            conn.execute(insert(db.outbox).values(idempotency_key=key, kind=kind, body=body, created_at=now,
-                                                  attempts=0, next_attempt_at=now))
-    except IntegrityError:
-        pass  # the same event was queued before: once is enough
+    # the same event queued before: once is enough (ON CONFLICT, not a savepoint: two round trips fewer)
+    conn.execute(db.upsert(conn, db.outbox).values(idempotency_key=key, kind=kind, body=body, created_at=now,
+                                                   attempts=0, next_attempt_at=now).on_conflict_do_nothing(
+        index_elements=[db.outbox.c.idempotency_key]))
 
 
 def _claim(engine: Engine, now: int, limit: int) -> list[tuple[int, str, str, int]]:

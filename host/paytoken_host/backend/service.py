@@ -7,8 +7,6 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from paytoken import wire
@@ -16,7 +14,7 @@ from paytoken_host import protocol
 from paytoken_host.backend import db, journal, outbox, sealed
 from paytoken_host.backend import formats as F
 from paytoken_host.backend.keys import noise_static
-from paytoken_host.backend.settle import DAY, Settlement, lock_devices, register_cert
+from paytoken_host.backend.settle import DAY, Settlement, lock_devices, register_cert, rows_where_any
 from paytoken_host.backend.verify import Reject, check_cert, verify_batch
 
 ISSUER_SETTING = "issuer_pub"
@@ -60,9 +58,9 @@ class Backend:
             return
         with db.read_tx(self.engine) as conn:
             for i in range(0, len(missing), 900):
-                for dev, raw in conn.execute(select(db.devices.c.device_id, db.devices.c.cert).where(
-                        db.devices.c.device_id.in_(missing[i:i + 900]))):
-                    self._certs[dev] = wire.decode_cert(raw)
+                for r in rows_where_any(conn, db.devices, "device_id", missing[i:i + 900],
+                                        columns=("device_id", "cert")):
+                    self._certs[r["device_id"]] = wire.decode_cert(r["cert"])
 
     def cert_of(self, device_id: bytes) -> wire.Certificate | None:
         cert = self._certs.get(device_id)
@@ -136,8 +134,7 @@ class Backend:
         R = db.rate_limits
         window = now // 60
         with db.write_tx(self.engine) as conn:
-            ins = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(R)
-            n = conn.execute(ins.values(key=client, window=window, count=1).on_conflict_do_update(
+            n = conn.execute(db.upsert(conn, R).values(key=client, window=window, count=1).on_conflict_do_update(
                 index_elements=[R.c.key, R.c.window], set_={"count": R.c.count + 1}).returning(R.c.count)).scalar()
             if n == 1:
                 conn.execute(R.delete().where((R.c.key == client) & (R.c.window < window - 1)))

@@ -29,8 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from sqlalchemy import Connection, Engine, any_, bindparam, insert, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Connection, Engine, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from paytoken import reasons, wire
@@ -41,12 +40,14 @@ from paytoken_host.backend.verify import PaymentObs, Reject, Verified
 
 DAY = 86_400
 FINAL = ("settled", "voided", "refunded", "rejected")
+OPEN = "state IN ('pending', 'held')"  # payments not yet final
 _MUTABLE = ("receipt", "receipt_status", "payer_seq", "payer_result", "state", "reason", "expires_at", "final_at",
             "entry_id", "payer_status", "payer_upd", "payee_status", "payee_upd")
 _DEVICE_STATE = ("synced_seq", "synced_hash", "payer_counter", "prev_hash", "offline_spent", "last_sent",
                  "rcvd_count", "acked_upto", "vouchers_seen", "update_seq", "revoked_at", "revoke_reason")
 
 
+_PARTIES = (("payer_id", "payer_status", "payer_upd"), ("payee_id", "payee_status", "payee_upd"))  # Ctx.tell
 _SPENT = struct.Struct(">I")  # payment offsets (protocol.md section 4): offline spending at 44, time at 120
 _TIME = _SPENT
 
@@ -56,29 +57,22 @@ def txid(payer_id: bytes, counter: int) -> bytes:
     return wire.txid(payer_id, counter)
 
 
-def in_(conn: Connection, col, values: list):
-    """col IN values; on PostgreSQL as = ANY(array), one parameter however long the list."""
-    if conn.dialect.name == "postgresql":
-        return col == any_(bindparam(None, list(values), type_=ARRAY(col.type)))
-    return col.in_(values)
-
-
-def rows_where_any(conn: Connection, table, col: str, values: list, extra: str = "", lock: bool = False
-                   ) -> list[dict]:
-    """SELECT * FROM table WHERE col = ANY(values) [extra], as dicts. On PostgreSQL the list goes as one binary
-    array parameter (psycopg's text arrays of bytea escape every element: slow for hundreds of ids)."""
+def rows_where_any(conn: Connection, table, col: str, values: list, extra: str = "", lock: bool = False,
+                   columns: tuple[str, ...] = ()) -> list[dict]:
+    """SELECT * (or the columns named) FROM table WHERE col = ANY(values) [extra], as dicts. On PostgreSQL the
+    list goes as one binary array parameter (psycopg's text arrays of bytea escape every element: slow for
+    hundreds of ids)."""
     if conn.dialect.name != "postgresql":
-        q = select(table).where(table.c[col].in_(values))
+        q = select(*(table.c[c] for c in columns)) if columns else select(table)
+        q = q.where(table.c[col].in_(values))
         if extra:
             q = q.where(text(extra))
         return [dict(r._mapping) for r in conn.execute(q)]
-    cur = conn.connection.driver_connection.cursor()
-    sql = f"SELECT * FROM {table.name} WHERE {col} = ANY(%b) {('AND ' + extra) if extra else ''}"
+    sql = f"SELECT {', '.join(columns) or '*'} FROM {table.name} WHERE {col} = ANY(%b) " \
+          f"{('AND ' + extra) if extra else ''}"
     if lock:
         sql += f" ORDER BY {col} FOR UPDATE"
-    cur.execute(sql, [list(values)])
-    names = [d.name for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    return db.pg_rows(conn, sql, [list(values)])
 
 
 def prev_hash_of(payment_raw: bytes) -> bytes:
@@ -130,7 +124,14 @@ class Ctx:
     conflicts: list[dict] = field(default_factory=list)
     balances: dict[str, int] = field(default_factory=dict)
     orig: dict[bytes, dict] = field(default_factory=dict)  # device rows as locked, to write back only changes
+    txids: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (payer, counter): the upload's own
     _names: dict[bytes, str] = field(default_factory=dict)
+
+    def txid(self, payer_id: bytes, counter: int) -> bytes:
+        """txid(payer_id, counter), known without hashing for the upload's own payments (each verified to carry
+        the txid of its payer and counter), which are most of the neighbours the chain checks look up."""
+        t = self.txids.get((payer_id, counter))
+        return t if t is not None else txid(payer_id, counter)
 
     def alert(self, kind: str, detail: str, device_id: bytes | None = None, txid: bytes | None = None) -> None:
         self.alerts.append({"kind": kind, "device_id": device_id, "txid": txid, "detail": detail,
@@ -148,12 +149,12 @@ class Ctx:
 
     def tell(self, row: dict, payer_status: int | None, payee_status: int | None) -> None:
         """Queue the backend-signed statuses the payer and payee fetch (signed when they fetch them)."""
-        for who, status in (("payer", payer_status), ("payee", payee_status)):
-            if status is None or row[who + "_status"] == status:
+        for (who, st, upd), status in zip(_PARTIES, (payer_status, payee_status), strict=True):
+            if status is None or row[st] == status:
                 continue
-            dev = self.devs[row[who + "_id"]]
+            dev = self.devs[row[who]]
             dev["update_seq"] += 1
-            row[who + "_status"], row[who + "_upd"] = status, dev["update_seq"]
+            row[st], row[upd] = status, dev["update_seq"]
         self.touch(row)
 
     def finish(self, row: dict, state: str, reason: str | None, payer_status: int | None,
@@ -213,11 +214,11 @@ class Settlement:
                 ids.update((data.payment.payer_id, data.payment.payee_id))
         # Payees of the involved payers' unsettled payments get settled here too: lock them in the same
         # ordered round (a later, out-of-order lock could deadlock with another upload).
+        # (One statement with the lock costs the database more: an OR of the two defeats the indexes.)
         P = db.payments
         payers = sorted({d.payment.payer_id for _, k, d in v.events if k in (F.K_SENT, F.K_RCVD)})
         if payers:
-            ids.update(conn.execute(select(P.c.payee_id).distinct().where(
-                in_(conn, P.c.payer_id, payers) & P.c.state.in_(("pending", "held")))).scalars())
+            ids.update(r["payee_id"] for r in rows_where_any(conn, P, "payer_id", payers, OPEN, columns=("payee_id",)))
         devs = lock_devices(conn, ids)
         me = devs[dev_id]
         if me["revoked_at"] is not None:
@@ -290,12 +291,13 @@ class Settlement:
     def _preload(self, ctx: Ctx, obs: list[PaymentObs], me: dict) -> None:
         conn = ctx.conn
         want = set()
+        ctx.txids = {(o.payment.payer_id, o.payment.counter): o.payment.txid for o in obs}
         for o in obs:
             p = o.payment
             want.add(p.txid)
-            want.add(txid(p.payer_id, p.counter + 1))
+            want.add(ctx.txid(p.payer_id, p.counter + 1))
             if p.counter > 1:
-                want.add(txid(p.payer_id, p.counter - 1))
+                want.add(ctx.txid(p.payer_id, p.counter - 1))
         if me["last_sent"] is not None:
             want.add(me["last_sent"])
         P = db.payments
@@ -306,7 +308,7 @@ class Settlement:
                 ctx.rows[r["txid"]] = r
         payers = sorted({o.payment.payer_id for o in obs})
         if payers:
-            for r in rows_where_any(conn, P, "payer_id", payers, "state IN ('pending', 'held')"):
+            for r in rows_where_any(conn, P, "payer_id", payers, OPEN):
                 ctx.rows.setdefault(r["txid"], r)
         extra = {r["payee_id"] for r in ctx.rows.values()} | {r["payer_id"] for r in ctx.rows.values()}
         extra -= set(ctx.devs)
@@ -460,8 +462,8 @@ class Settlement:
             self._fork(ctx, p.payer_id, f"fork: payer {p.payer_id.hex()} counter {p.counter} starts a broken chain",
                        p.txid)
             return
-        before = ctx.rows.get(txid(p.payer_id, p.counter - 1)) if p.counter > 1 else None
-        after = ctx.rows.get(txid(p.payer_id, p.counter + 1))
+        before = ctx.rows.get(ctx.txid(p.payer_id, p.counter - 1)) if p.counter > 1 else None
+        after = ctx.rows.get(ctx.txid(p.payer_id, p.counter + 1))
         if before is not None and before["payment_hash"] != p.prev_hash:
             self._fork(ctx, p.payer_id, f"fork: payer {p.payer_id.hex()} payment {p.counter} does not chain to "
                        f"payment {p.counter - 1}", p.txid)
@@ -496,7 +498,7 @@ class Settlement:
                 ctx.finish(row, "rejected", f"payee revoked: {payee['revoke_reason']}", wire.ST_REJECTED,
                            wire.ST_REJECTED)
                 continue
-            if row["counter"] > 1 and not self._known(ctx, txid(payer_id, row["counter"] - 1)):
+            if row["counter"] > 1 and not self._known(ctx, ctx.txid(payer_id, row["counter"] - 1)):
                 continue  # a gap: waits for the payer's earlier payment
             why = self._limits(ctx, row)
             if why:
@@ -529,11 +531,9 @@ class Settlement:
     def _load_balances(self, ctx: Ctx) -> None:
         """The offline balances of every payer with a payment waiting, in one query."""
         names = sorted({journal.offline(r["payer_id"]) for r in ctx.rows.values() if r["state"] == "held"})
-        A = db.accounts
         for i in range(0, len(names), 900):
-            for name, bal in ctx.conn.execute(select(A.c.name, A.c.balance).where(
-                    in_(ctx.conn, A.c.name, names[i:i + 900]))):
-                ctx.balances[name] = bal
+            for r in rows_where_any(ctx.conn, db.accounts, "name", names[i:i + 900], columns=("name", "balance")):
+                ctx.balances[r["name"]] = r["balance"]
         for name in names:
             ctx.balances.setdefault(name, 0)
 
@@ -623,7 +623,7 @@ class Settlement:
                 raise Reject(404, "unknown device")
             ctx = Ctx(conn, now, self.expiry, devs, {})
             changed = revoke_device(conn, devs[device_id], reason, now)
-            for r in rows_where_any(conn, P, "payer_id", [device_id], "state IN ('pending', 'held')"):
+            for r in rows_where_any(conn, P, "payer_id", [device_id], OPEN):
                 if r["payee_id"] in devs:
                     ctx.rows[r["txid"]] = r
                     ctx.finish(r, "rejected", f"payer revoked: {reason}", wire.ST_REJECTED, wire.ST_REJECTED)
