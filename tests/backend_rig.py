@@ -252,8 +252,8 @@ def tokens(backend: Backend) -> dict[str, str]:
         return {role: auth.create_token(conn, f"test-{role}", role, NOW) for role in auth.ROLES}
 
 
-def updates_auth(dev: Device, since: int = 0, t: int = NOW, nonce: bytes | None = None) -> str:
-    body = F.updates_request_body(dev.device_id, since, t, nonce or os.urandom(16))
+def updates_auth(dev: Device, since: int = 0, t: int = NOW, nonce: bytes | None = None, rl_version: int = 0) -> str:
+    body = F.updates_request_body(dev.device_id, since, rl_version, t, nonce or os.urandom(16))
     return "PaytokenDevice " + dev.sign(body).hex()
 
 

@@ -121,6 +121,32 @@ def test_a_device_reads_only_its_own_updates(api):
     assert r.status_code == 403
 
 
+def test_updates_carry_the_revocation_delta_after_the_signed_version(api):
+    world, backend, client, _ = api
+    a, *revoked = (world.device(wire.ROLE_PAYER) for _ in range(4))
+    for d in (a, *revoked):
+        backend.register(d.cert)
+    for d in revoked:
+        backend.revoke(d.device_id, "lost")
+    path = f"/v1/devices/{a.device_id.hex()}/updates"
+
+    def deltas(rl_version: int) -> list[wire.RevocationDelta]:
+        auth = updates_auth(a, rl_version=rl_version)
+        r = client.get(f"{path}?rl_version={rl_version}", headers={"Authorization": auth})
+        assert r.status_code == 200, r.text
+        raws = [bytes.fromhex(u) for u in r.json()["updates"]]
+        return [wire.decode_revocation(u) for u in raws if u[0] == wire.T_REVOCATION]
+
+    (whole,) = deltas(0)
+    assert (whole.from_version, whole.device_ids) == (0, sorted(d.device_id for d in revoked))
+    (rest,) = deltas(whole.to_version - 1)  # only the newest one
+    assert (rest.from_version, rest.to_version, rest.device_ids) == (whole.to_version - 1, whole.to_version,
+                                                                     [revoked[-1].device_id])
+    assert deltas(whole.to_version) == [] and deltas(whole.to_version + 7) == []  # up to date; ahead: nothing
+    r = client.get(path, headers={"Authorization": updates_auth(a, rl_version=3)})  # version not the signed one
+    assert r.status_code == 401 and "revocation list version" in r.json()["error"]
+
+
 def test_uploads_are_open_but_limited(api, tmp_path):
     world, backend, client, _ = api
     payer, payee = world.device(wire.ROLE_PAYER), world.device(wire.ROLE_PAYEE)

@@ -26,7 +26,7 @@ def proc():
 
 
 def fetch(backend: Backend, dev, since: int = 0) -> dict:
-    body = F.updates_request_body(dev.device_id, since, backend.now(), os.urandom(16))
+    body = F.updates_request_body(dev.device_id, since, 0, backend.now(), os.urandom(16))
     return backend.updates("PaytokenDevice " + protocol.sign(dev.identity, body).hex(), dev.device_id, since)
 
 

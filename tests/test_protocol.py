@@ -3,6 +3,7 @@ certificates, signed payment and receipt, and every refusal with its reason code
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -135,7 +136,7 @@ def test_host_made_records_verify_on_the_firmware(rig):
     assert rig.mp.call("paytoken.trust.signed_by", payee_pub, payment) is False
     decoded = rig.mp.call("paytoken.wire.decode_payment", payment)
     assert decoded[:7] == list(wire.decode_payment(payment)[:7])
-    rl = protocol.revocation_list(rig.world.backend, 3, NOW, [rig.payer.device_id])
+    rl = protocol.revocation_delta(rig.world.backend, 0, 3, NOW, [rig.payer.device_id])
     assert rig.call(f"T.apply_revocation({rl!r})") is True
     assert rig.call(f"T.is_revoked({rig.payer.device_id!r})") is True
 
@@ -246,21 +247,29 @@ def test_foreign_issuer(proc, world, which):
 @pytest.mark.parametrize("which", ["payer", "payee"])
 def test_revoked_devices(rig, which):
     device = rig.payer if which == "payer" else rig.payee
-    rl = protocol.revocation_list(rig.world.backend, 7, NOW, [os.urandom(8), device.device_id])
+    rl = protocol.revocation_delta(rig.world.backend, 0, 7, NOW, [os.urandom(8), device.device_id])
     assert rig.call(f"T.apply_revocation({rl!r})") is True
     rig.open(rig.qr())
     assert session_until_hello(rig) == reasons.REVOKED
     assert rig.state() == {"payer": [100_000, 0, 0, []], "payee": [0, 0, []]}
 
 
-def test_revocation_list_cannot_be_forged_or_rolled_back(rig):
-    newer = protocol.revocation_list(rig.world.backend, 5, NOW, [rig.payer.device_id])
-    older = protocol.revocation_list(rig.world.backend, 4, NOW, [])
-    forged = protocol.revocation_list(protocol.Issuer().key, 9, NOW, [])
-    assert rig.call(f"T.apply_revocation({newer!r})") is True
-    assert rig.call(f"T.apply_revocation({older!r})") is False
+def test_revocation_deltas_apply_in_order_only_and_cannot_be_forged(rig):
+    delta = functools.partial(protocol.revocation_delta, rig.world.backend)
+    first = delta(0, 5, NOW, [rig.payer.device_id])
+    second = delta(5, 9, NOW, [os.urandom(8), os.urandom(8)])
+    assert rig.call(f"T.apply_revocation({second!r})") is False  # after a gap: nothing changes
+    assert rig.call(f"T.apply_revocation({first!r})") is True
+    assert rig.call(f"T.apply_revocation({first!r})") is False  # applied already
+    rolled_back = delta(0, 4, NOW, [os.urandom(8)])
+    assert rig.call(f"T.apply_revocation({rolled_back!r})") is False
+    forged = protocol.revocation_delta(protocol.Issuer().key, 5, 9, NOW, [bytes(8)])
     refused(rig.call, f"T.apply_revocation({forged!r})")
-    assert rig.call("T.revocation_version") == 5 and rig.call(f"T.is_revoked({rig.payer.device_id!r})") is True
+    assert rig.call("[T.revocation_version, T.revoked.count]") == [5, 1]
+    assert rig.call(f"T.apply_revocation({second!r})") is True
+    assert rig.call("[T.revocation_version, T.revoked.count]") == [9, 3]
+    assert rig.call(f"T.is_revoked({rig.payer.device_id!r})") is True
+    assert rig.call(f"T.is_revoked({rig.payee.device_id!r})") is False
 
 
 def test_tampered_certificate_is_refused(proc, world):

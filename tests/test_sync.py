@@ -12,9 +12,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, insert, select
 
-from paytoken import syncwire, wire
+from paytoken import reasons, syncwire, wire
 from paytoken_host.backend import db
 from paytoken_host.backend.settle import DAY
 from tests.backend_rig import (
@@ -272,6 +272,41 @@ def test_a_device_whose_acknowledgement_was_lost_catches_up(world_rig):
     assert s.statuses("payer") == ["settled"] * 3 and [p["amount"] for p in settlements(backend)] == [100, 200, 300]
 
 
+@pytest.mark.parametrize("database", database_params(), indirect=True)
+def test_hundreds_of_revocations_reach_a_device_in_deltas_that_fit_message_2(world_rig):
+    _, _, backend, rig, s = world_rig
+    for amount in (100, 200, 300):
+        rig.pay(amount)
+    # 299 revoked devices the backend knows only by their rows (as settle.revoke_device writes them), then the payer
+    with db.write_tx(backend.engine) as conn:
+        conn.execute(insert(db.revocations), [{"device_id": os.urandom(8), "revoked_at": NOW, "reason": "lost"}
+                                              for _ in range(299)])
+    backend.revoke(rig.payer.device_id, "reported stolen")
+    with db.read_tx(backend.engine) as conn:
+        version = conn.execute(select(func.max(db.revocations.c.id))).scalar()
+    sizes = []
+
+    def measured(_msg1: bytes, msg2: bytes) -> bytes:
+        sizes.append(len(msg2))
+        return msg2
+
+    # The rig's wallets share one Trust, whose list is the payee's file (the wallet made last).
+    out = s.sync("payee", measured)
+    assert out.refused == [] and out.rounds >= 2 and max(sizes) < 4096  # more than one delta fits
+    assert rig.call("[T.revocation_version, T.revoked.count]") == [version, 300]
+    assert s.statuses("payee") == ["rejected"] * 3  # and the rest of the updates came too
+    s.restart("payee")
+    assert s.sync("payee").rounds == 1  # nothing new: an answer without a delta
+    assert rig.call("T.revocation_version") == version
+    # offline, the payee now refuses the revoked payer
+    rig.open(rig.qr())
+    m2 = rig.call("es.read_hello(ps.start())")
+    assert rig.call("es.reason") == reasons.REVOKED
+    with pytest.raises(MicroPythonError):
+        rig.call(f"ps.read_hello({m2!r})")
+    assert merchant(backend, rig) == 0
+
+
 def test_the_sync_client_fits_its_heap_budget(world_rig, tmp_path):
     _, _, backend, rig, _ = world_rig
     for amount in range(100, 900, 100):
@@ -340,7 +375,7 @@ def test_wifi_the_device_posts_its_exchanges_itself(proc, tmp_path, monkeypatch)
 
 def test_the_sealed_plaintexts_decode_strictly():
     # Both plaintexts, on CPython (the same module the device runs): every byte counts, nothing half-parsed.
-    ureq = bytes((syncwire.T_UPDATES_REQUEST, 1)) + os.urandom(96)
+    ureq = bytes((syncwire.T_UPDATES_REQUEST, 2)) + os.urandom(syncwire.UPDATES_REQUEST_LEN - 2)
     head = syncwire.sync_head_body(os.urandom(8), 3, os.urandom(32), 5, os.urandom(32)) + os.urandom(64)
     records = [(b"\x01" + os.urandom(88), os.urandom(188), None), (b"\x02" + os.urandom(73), None, os.urandom(107))]
     request = b"".join(syncwire.request_parts(ureq, head, records))

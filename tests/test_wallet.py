@@ -3,7 +3,9 @@ applied exactly once, compaction behind acknowledgements, and a damaged ledger t
 
 from __future__ import annotations
 
+import functools
 import os
+import random
 
 import pytest
 
@@ -164,11 +166,71 @@ def test_damaged_ledger_locks_the_wallet_without_dropping_records(rig):
 
 
 def test_revocation_list_survives_a_restart(rig):
-    rl = protocol.revocation_list(rig.world.backend, 4, NOW, [rig.payee.device_id])
-    assert rig.call(f"pw.apply_update({rl!r})") is True
-    rig.mp.exec("T.revocation_version = 0\nT._revoked = set()")  # forget it in RAM, as a reboot would
-    reopened(rig, "pw")
+    # The rig's wallets share one Trust, whose list is the file of the wallet made last (ew); a device has one.
+    rl = protocol.revocation_delta(rig.world.backend, 0, 4, NOW, [rig.payee.device_id])
+    assert rig.call(f"ew.apply_update({rl!r})") is True
+    path = rig.call("T.revoked.path")
+    with open(path + ".new", "wb") as f:  # what a power cut in a later merge leaves: never read
+        f.write(b"\x00\x00\x00\x09" + os.urandom(13))
+    rig.mp.exec("T.revoked = None")  # forget it in RAM, as a reboot would
+    reopened(rig, "ew")
     assert rig.call(f"[T.revocation_version, T.is_revoked({rig.payee.device_id!r})]") == [4, True]
+    assert open(path, "rb").read() == b"\x00\x00\x00\x04" + rig.payee.device_id
+
+
+def test_a_cut_before_the_rename_keeps_the_old_list(rig):
+    delta = functools.partial(protocol.revocation_delta, rig.world.backend)
+    assert rig.call(f"ew.apply_update({delta(0, 2, NOW, [rig.payer.device_id])!r})") is True
+    rig.mp.exec("from paytoken import trust as _t\n_os = _t.os\n"  # the power fails as the file is renamed
+                "class _Cut:\n    stat = _os.stat\n"
+                "    def rename(a, b):\n        raise OSError(5)\n_t.os = _Cut\n")
+    try:
+        with pytest.raises(MicroPythonError):
+            rig.call(f"ew.apply_update({delta(2, 3, NOW, [rig.payee.device_id])!r})")
+    finally:
+        rig.mp.exec("_t.os = _os")
+    assert rig.call("[T.revocation_version, T.revoked.count]") == [2, 1]
+    rig.mp.exec("T.revoked = None")
+    reopened(rig, "ew")
+    assert rig.call(f"[T.revocation_version, T.is_revoked({rig.payer.device_id!r}), "
+                    f"T.is_revoked({rig.payee.device_id!r})]") == [2, True, False]
+    assert rig.call(f"ew.apply_update({delta(2, 3, NOW, [rig.payee.device_id])!r})") is True
+    assert rig.call(f"T.is_revoked({rig.payee.device_id!r})") is True
+
+
+def test_hundreds_of_revoked_ids_are_looked_up_in_flash_not_held_in_ram(rig):
+    rnd = random.Random(7)
+    ids = sorted({rnd.randbytes(8) for _ in range(310)})
+    first = rnd.sample(ids, 200)
+    second = [i for i in ids if i not in first] + first[:10]  # ids listed already merge once
+    delta = functools.partial(protocol.revocation_delta, rig.world.backend)
+    rig.mp.exec("import gc\ngc.collect()\n_before = gc.mem_alloc()")
+    assert rig.call(f"ew.apply_update({delta(0, 200, NOW, first)!r})") is True
+    assert rig.call(f"ew.apply_update({delta(200, 420, NOW, second)!r})") is True
+    rig.mp.exec("gc.collect()\n_grew = gc.mem_alloc() - _before")
+    assert rig.call("_grew") < 2048  # a set of 310 ids alone would take over 10 KB
+    path = rig.call("T.revoked.path")
+    assert open(path, "rb").read() == (420).to_bytes(4, "big") + b"".join(ids)
+    assert rig.call("[T.revocation_version, T.revoked.count]") == [420, len(ids)]
+    assert rig.call(f"[T.is_revoked(i) for i in {ids!r}]") == [True] * len(ids)
+    others = [bytes(8), b"\xff" * 8] + [rnd.randbytes(8) for _ in range(100)]
+    assert rig.call(f"[T.is_revoked(i) for i in {others!r}]") == [False] * len(others)
+    # a binary search: about log2(310) reads of 8 bytes a lookup, whatever the list's length
+    rig.mp.exec("class _F:\n"
+                "    def __init__(self, f):\n        self.f = f\n        self.reads = 0\n"
+                "    def __enter__(self):\n        return self\n"
+                "    def __exit__(self, *a):\n        self.f.close()\n"
+                "    def seek(self, n):\n        return self.f.seek(n)\n"
+                "    def read(self, n):\n        self.reads += 1\n        return self.f.read(n)\n"
+                "from paytoken import trust as _t\n_opened = []\n"
+                "def _open(p, m):\n    _opened.append(_F(open(p, m)))\n    return _opened[-1]\n"
+                "_t.open = _open\n")
+    try:
+        assert rig.call(f"[T.is_revoked({ids[123]!r}), T.is_revoked({others[5]!r})]") == [True, False]
+        reads = rig.call("[f.reads for f in _opened]")
+        assert len(reads) == 2 and all(0 < n <= 9 for n in reads)
+    finally:
+        rig.mp.exec("del _t.open")
 
 
 def test_ack_of_an_earlier_record_keeps_later_spending_counted(rig):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -45,7 +46,7 @@ def samples() -> dict[str, bytes]:
     payment = protocol.sign(payer.identity, wire.payment_body(os.urandom(16), payer.device_id, payee.device_id, 100,
                                                              840, 1, 0, bytes(32), os.urandom(8), os.urandom(32), NOW))
     receipt = protocol.sign(payee.identity, wire.receipt_body(protocol.payment_hash(payment), 0, 1, NOW))
-    rl = protocol.revocation_list(world.backend, 1, NOW, [os.urandom(8), os.urandom(8)])
+    rl = protocol.revocation_delta(world.backend, 3, 7, NOW, [os.urandom(8), os.urandom(8)])
     qr = wire.qr_payload(payee.device_id[:4], bytes(6), True, payee.static[1], os.urandom(8), 500, 840)
     return {"decode_cert": payer.cert, "decode_cert ": payee.cert, "decode_payment": payment,
             "decode_receipt": receipt, "decode_revocation": rl, "decode_qr": qr}
@@ -59,7 +60,7 @@ def test_every_format_decodes_alike_on_both_sides_and_rejects_damage(mp):
         assert device == [list(v) if isinstance(v, list) else v for v in host]
         bad = [raw[:-1], raw + b"\x00", raw[:1], b""]
         if fn.strip() != "decode_qr":
-            bad += [bytes([raw[0] ^ 0x20]) + raw[1:], raw[:1] + b"\x02" + raw[2:]]  # type, version
+            bad += [bytes([raw[0] ^ 0x20]) + raw[1:], raw[:1] + bytes([raw[1] ^ 3]) + raw[2:]]  # type, version
         else:
             bad += [b"\x20" + raw[1:]]
         for args, (ok, err) in zip(bad, mp.map(name, [(b,) for b in bad]), strict=True):
@@ -68,13 +69,39 @@ def test_every_format_decodes_alike_on_both_sides_and_rejects_damage(mp):
                 getattr(wire, fn.strip())(args)
 
 
-def test_revocation_list_ids_must_ascend(mp):
+def test_revocation_delta_ids_must_ascend(mp):
     world = World()
-    body = bytearray(wire.revocation_body(1, NOW, [b"\x01" * 8, b"\x02" * 8]))
-    body[12:28] = b"\x02" * 8 + b"\x01" * 8
+    body = bytearray(wire.revocation_body(0, 2, NOW, [b"\x01" * 8, b"\x02" * 8]))
+    body[16:32] = b"\x02" * 8 + b"\x01" * 8
     rl = protocol.sign(world.backend, bytes(body))
     ok, err = mp.map("paytoken.wire.decode_revocation", [(rl,)])[0]
     assert not ok and "ascending" in err
+
+
+def _delta(from_version: int, to_version: int, ids: list[bytes]) -> bytes:
+    # Encoded without revocation_body's checks, to see that the decoder makes them.
+    return (struct.pack(">BBIIIH", wire.T_REVOCATION, 2, from_version, to_version, NOW, len(ids)) + b"".join(ids)
+            + bytes(64))
+
+
+def test_revocation_delta_decodes_strictly(mp):
+    ids = [i.to_bytes(8, "big") for i in range(1, 300)]
+    good = _delta(4, 6, ids[:2])
+    assert wire.decode_revocation(good)[:4] == (4, 6, NOW, ids[:2])
+    assert wire.revocation_length(2) == len(good)
+    bad = {"versions must ascend": [_delta(5, 5, ids[:1]), _delta(6, 5, ids[:1])],
+           "bad count": [_delta(0, 5, []), _delta(4, 5, ids[:2]), _delta(0, 1000, ids[:256])],
+           "ascending": [_delta(0, 5, [ids[0], ids[0]])]}
+    for what, raws in bad.items():
+        for raw, (ok, err) in zip(raws, mp.map("paytoken.wire.decode_revocation", [(r,) for r in raws]), strict=True):
+            assert not ok and what in err, (raw[:16].hex(), err)
+            with pytest.raises(wire.WireError, match=what):
+                wire.decode_revocation(raw)
+            if what != "ascending":  # and the backend cannot make one either (it sorts and dedups ids itself)
+                frm, to, _, n = struct.unpack_from(">IIIH", raw, 2)
+                with pytest.raises(wire.WireError, match=what):
+                    wire.revocation_body(frm, to, NOW, [raw[16 + 8 * i:24 + 8 * i] for i in range(n)])
+    assert len(wire.decode_revocation(_delta(0, 1000, ids[:255])).device_ids) == 255
 
 
 @settings(max_examples=300, deadline=None)

@@ -125,5 +125,7 @@ def verify_receipt(raw: bytes, payee_cert: wire.Certificate, payment_raw: bytes)
     return receipt
 
 
-def revocation_list(key: ec.EllipticCurvePrivateKey, list_version: int, issued_at: int, ids: list[bytes]) -> bytes:
-    return sign(key, wire.revocation_body(list_version, issued_at, ids))
+def revocation_delta(key: ec.EllipticCurvePrivateKey, from_version: int, to_version: int, issued_at: int,
+                     ids: list[bytes]) -> bytes:
+    """The backend-signed revocations with row ids in (from_version, to_version]."""
+    return sign(key, wire.revocation_body(from_version, to_version, issued_at, ids))

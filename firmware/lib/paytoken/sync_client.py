@@ -105,8 +105,8 @@ class SyncClient:
             return None
         self._hs = None
         hs = noise.HandshakeState("NK", True, syncwire.PROLOGUE, rs=self._kx)
-        ureq = w.sign(syncwire.updates_request_body(w.device_id, self.cursor, w.trust.now or 0,
-                                                    hs.ephemeral_public()[:16]))
+        ureq = w.sign(syncwire.updates_request_body(w.device_id, self.cursor, w.trust.revocation_version,
+                                                    w.trust.now or 0, hs.ephemeral_public()[:16]))
         head = None
         records = []
         if upto > base:

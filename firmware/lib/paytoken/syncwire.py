@@ -26,12 +26,14 @@ _HEAD = ">BB8sI32sI32s"
 SYNC_HEAD_LEN = const(146)  # struct.calcsize(_HEAD) + SIG_LEN
 
 # ---- updates request (device-signed): a device asking for its own updates from a status cursor ----
-# type 'U', version 1, device_id 8, since u32, time u32, nonce 16, signature 64. In a sealed exchange the
-# nonce is the first 16 bytes of the device's Noise ephemeral key (message 1 starts with it): the request
-# is bound to the one handshake whose answer only that device can read.
+# type 'U', version 2, device_id 8, since u32, rl_version u32 (the revocation list version the device holds:
+# the backend sends the delta after it), time u32, nonce 16, signature 64. In a sealed exchange the nonce is
+# the first 16 bytes of the device's Noise ephemeral key (message 1 starts with it): the request is bound to
+# the one handshake whose answer only that device can read.
 T_UPDATES_REQUEST = const(0x55)
-_UREQ = ">BB8sII16s"
-UPDATES_REQUEST_LEN = const(98)
+_UREQ_VERSION = const(2)
+_UREQ = ">BB8sIII16s"
+UPDATES_REQUEST_LEN = const(102)
 
 # ---- the sealed exchange's plaintexts ----
 T_REQUEST = const(0x21)
@@ -72,18 +74,18 @@ def decode_sync_head(data):
     return _fixed(data, T_SYNC_HEAD, "sync head", _HEAD, SYNC_HEAD_LEN, _fields)
 
 
-def updates_request_body(device_id, since, time, nonce):
+def updates_request_body(device_id, since, rl_version, time, nonce):
     if len(device_id) != 8 or len(nonce) != 16:
         raise WireError("updates request: bad field length")
-    return struct.pack(_UREQ, T_UPDATES_REQUEST, 1, device_id, since, time, nonce)
+    return struct.pack(_UREQ, T_UPDATES_REQUEST, _UREQ_VERSION, device_id, since, rl_version, time, nonce)
 
 
 def decode_updates_request(data):
-    # (device_id, since, time, nonce, raw)
-    return _fixed(data, T_UPDATES_REQUEST, "updates request", _UREQ, UPDATES_REQUEST_LEN, _fields)
+    # (device_id, since, rl_version, time, nonce, raw)
+    return _fixed(data, T_UPDATES_REQUEST, "updates request", _UREQ, UPDATES_REQUEST_LEN, _fields, _UREQ_VERSION)
 
 
-# ---- request: type, version, flags u8; [updates request 98]; [sync head 146, then for each record of the
+# ---- request: type, version, flags u8; [updates request 102]; [sync head 146, then for each record of the
 # head's range: payload length u16, payload, attached u8 (A_PAYMENT | A_RECEIPT), payment 188?, receipt 107?]
 def request_parts(ureq, head, records):
     # The request's bytes as a list of parts (join them once); records: (payload, payment, receipt) with

@@ -14,7 +14,7 @@ from paytoken import reasons, wire
 from paytoken.crypto import p256
 from paytoken.ledger import Ledger
 from paytoken.reasons import Refused
-from paytoken.trust import payment_hash
+from paytoken.trust import RevokedIds, payment_hash
 from paytoken.wire import K_ACK, K_RCVD, K_RESULT, K_SENT, K_STATUS, K_VOUCHER
 
 ZERO_HASH = bytes(wire.HASH_LEN)
@@ -43,8 +43,9 @@ class Wallet:
         self.device_id = self.cert.device_id
         self.trust = trust
         self.ledger = Ledger(ledger_path)
-        self._revocation_path = ledger_path + ".revoked"
-        self._load_revocation()
+        # The revocation list lives next to the ledger, outside it: it is not money. One wallet a device, so the
+        # wallet's file is the device's list.
+        trust.revoked = RevokedIds(ledger_path + ".revoked")
         self._reset()
         if self.ledger.checkpoint:
             self._load_snapshot(self.ledger.checkpoint)
@@ -274,17 +275,6 @@ class Wallet:
         from paytoken import wallet_sync
 
         return wallet_sync.compact(self, keep)
-
-    def _load_revocation(self):
-        try:
-            with open(self._revocation_path, "rb") as f:
-                raw = f.read()
-        except OSError:
-            return
-        try:
-            self.trust.apply_revocation(raw)
-        except Refused:
-            pass  # a damaged file: the next sync brings the list again
 
     def _load_snapshot(self, snap):
         (self.balance, self.counter, self.prev_hash, self.offline_spent, self.seq, self.voucher_counter,

@@ -1,7 +1,6 @@
 # What a sync does to a wallet: backend-signed updates (vouchers, acknowledgements, statuses, revocation
 # lists), the payment history the screens and the sync client read, and ledger compaction. Kept out of
 # paytoken.wallet so a device paying offline does not hold this code in RAM: Wallet imports it on first use.
-import os
 import struct
 
 from paytoken import reasons, wire
@@ -40,7 +39,9 @@ def apply_update(w, raw):
     kind = raw[0]
     try:
         if kind == wire.T_REVOCATION:
-            return _revocation(w, raw)
+            # Trust checks the delta's signature and version and merges it into the list's own file (replaced
+            # atomically): it is not money, so it never goes into the ledger.
+            return w.trust.apply_revocation(raw)
         decode = {wire.T_VOUCHER: wire.decode_voucher, wire.T_ACK: wire.decode_ack,
                   wire.T_STATUS: wire.decode_status}.get(kind)
         if decode is None:
@@ -57,18 +58,6 @@ def apply_update(w, raw):
     if kind == wire.T_ACK:
         return _ack(w, msg)
     return _status(w, msg)
-
-
-def _revocation(w, raw):
-    # Newer lists only (Trust checks signature and version); kept in a file of its own, replaced
-    # atomically, because it is not money: it never goes into the ledger or its checkpoints.
-    if not w.trust.apply_revocation(raw):
-        return False
-    tmp = w._revocation_path + ".new"
-    with open(tmp, "wb") as f:
-        f.write(raw)
-    os.rename(tmp, w._revocation_path)
-    return True
 
 
 def _voucher(w, v):

@@ -44,10 +44,10 @@ class WireError(ValueError):
     pass
 
 
-def _check_header(data, kind, name):
+def _check_header(data, kind, name, version=VERSION):
     if len(data) < 2 or data[0] != kind:
         raise WireError(name + ": wrong type")
-    if data[1] != VERSION:
+    if data[1] != version:
         raise WireError(name + ": unknown version")
 
 
@@ -56,10 +56,10 @@ def _check_len(data, n, name):
         raise WireError(name + ": wrong length")
 
 
-def _fixed(data, kind, name, fmt, length, cls):
+def _fixed(data, kind, name, fmt, length, cls, version=VERSION):
     # A fixed-length signed object: checked header and length, then its fields after type and version.
     data = bytes(data)
-    _check_header(data, kind, name)
+    _check_header(data, kind, name, version)
     _check_len(data, length, name)
     return cls(*(struct.unpack_from(fmt, data, 0)[2:] + (data,)))
 
@@ -118,40 +118,58 @@ def decode_cert(data):
                        nb, na, key_id, data)
 
 
-# ---- revocation list (backend-signed) ----
-# type, version, list_version u32, issued_at u32, count u16, device ids (8 each, strictly ascending),
-# signature 64
-_RL_HEAD = ">BBIIH"
+# ---- revocation delta (backend-signed) ----
+# type, version 2, from_version u32, to_version u32, issued_at u32, count u16, device ids (8 each, strictly
+# ascending), signature 64. Exactly the revocations whose backend row id is in (from_version, to_version]: a
+# device holding version from_version applies it and then holds to_version. Row ids may have gaps, so count is
+# 1 to to_version - from_version, and at most MAX_REVOCATION_DELTA (a device holds the whole delta in RAM).
+REVOCATION_VERSION = const(2)
+MAX_REVOCATION_DELTA = const(255)
+_RL_HEAD = ">BBIIIH"
 _RL_HEAD_LEN = struct.calcsize(_RL_HEAD)
 
-RevocationList = namedtuple("RevocationList", ("list_version", "issued_at", "device_ids", "raw"))
+RevocationDelta = namedtuple("RevocationDelta", ("from_version", "to_version", "issued_at", "device_ids", "raw"))
 
 
-def revocation_body(list_version, issued_at, device_ids):
+def revocation_length(count):
+    return _RL_HEAD_LEN + count * ID_LEN + SIG_LEN
+
+
+def _check_delta(from_version, to_version, count):
+    if not 0 <= from_version < to_version <= 0xFFFFFFFF:
+        raise WireError("revocation delta: versions must ascend")
+    if not 1 <= count <= min(MAX_REVOCATION_DELTA, to_version - from_version):
+        raise WireError("revocation delta: bad count")
+
+
+def revocation_body(from_version, to_version, issued_at, device_ids):
     ids = sorted(set(bytes(i) for i in device_ids))
     for i in ids:
         if len(i) != ID_LEN:
-            raise WireError("revocation list: bad device id")
-    return struct.pack(_RL_HEAD, T_REVOCATION, VERSION, list_version, issued_at, len(ids)) + b"".join(ids)
+            raise WireError("revocation delta: bad device id")
+    _check_delta(from_version, to_version, len(ids))
+    return struct.pack(_RL_HEAD, T_REVOCATION, REVOCATION_VERSION, from_version, to_version, issued_at,
+                       len(ids)) + b"".join(ids)
 
 
 def decode_revocation(data):
     data = bytes(data)
-    _check_header(data, T_REVOCATION, "revocation list")
+    _check_header(data, T_REVOCATION, "revocation delta", REVOCATION_VERSION)
     if len(data) < _RL_HEAD_LEN:
-        raise WireError("revocation list: wrong length")
-    _, _, list_version, issued_at, count = struct.unpack_from(_RL_HEAD, data, 0)
-    _check_len(data, _RL_HEAD_LEN + count * ID_LEN + SIG_LEN, "revocation list")
+        raise WireError("revocation delta: wrong length")
+    _, _, from_version, to_version, issued_at, count = struct.unpack_from(_RL_HEAD, data, 0)
+    _check_len(data, revocation_length(count), "revocation delta")
+    _check_delta(from_version, to_version, count)
     ids = []
     prev = b""
     for i in range(count):
         o = _RL_HEAD_LEN + i * ID_LEN
         d = data[o:o + ID_LEN]
         if d <= prev:
-            raise WireError("revocation list: ids not strictly ascending")
+            raise WireError("revocation delta: ids not strictly ascending")
         ids.append(d)
         prev = d
-    return RevocationList(list_version, issued_at, ids, data)
+    return RevocationDelta(from_version, to_version, issued_at, ids, data)
 
 
 # ---- payment (signed by the payer's identity key) ----

@@ -132,8 +132,9 @@ def create_app(backend: Backend | None = None, config: Config | None = None) -> 
 
     @devices.get("/{device_id}/updates")
     def updates(device_id: str, since: int = Query(default=0, ge=0, lt=2**32),
+                rl_version: int = Query(default=0, ge=0, lt=2**32),
                 authorization: str | None = Header(default=None)) -> dict:
-        return be.updates(authorization, _hex_id(device_id, 8, "device id"), since)
+        return be.updates(authorization, _hex_id(device_id, 8, "device id"), since, rl_version)
 
     uploads = APIRouter(prefix="/v1", tags=["uploads"])
 

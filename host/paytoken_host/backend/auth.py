@@ -3,9 +3,10 @@
 Operators: API tokens (`ptk_` + 32 random bytes in URL-safe base64), given once at creation and stored only as
 their SHA-256, each with one role: `provisioning` (register and revoke devices), `treasury` (issue top-up
 vouchers, run the expiry), `auditor` (read devices, balances, payments, alerts, journal, metrics).
-Devices: a request signed with the device's identity key (formats.UpdatesRequest: device id, status cursor, time
-and a fresh nonce), sent as `Authorization: PaytokenDevice <hex>`; the time must be within CLOCK_SKEW of the
-backend's and each nonce is accepted once (stored until it could no longer pass the time check).
+Devices: a request signed with the device's identity key (formats.UpdatesRequest: device id, status cursor, revocation
+list version, time and a fresh nonce), sent as `Authorization: PaytokenDevice <hex>` (with `since` and `rl_version`
+in the query as signed); the time must be within CLOCK_SKEW of the backend's and each nonce is accepted once (stored
+until it could no longer pass the time check).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def operator(conn: Connection, authorization: str | None, roles: tuple[str, ...]
 
 
 def device_request(conn: Connection, authorization: str | None, device_id: bytes, since: int,
-                   cert_of, now: int) -> F.UpdatesRequest:
+                   cert_of, now: int, rl_version: int = 0) -> F.UpdatesRequest:
     """A verified, fresh, first-seen device request for device_id's own updates."""
     if not authorization or not authorization.startswith("PaytokenDevice "):
         raise Reject(401, "device endpoint: send Authorization: PaytokenDevice <signed request, hex>")
@@ -66,6 +67,8 @@ def device_request(conn: Connection, authorization: str | None, device_id: bytes
         raise Reject(403, "a device may read only its own updates")
     if req.since != since:
         raise Reject(401, "device request: signed cursor differs from the query")
+    if req.rl_version != rl_version:
+        raise Reject(401, "device request: signed revocation list version differs from the query")
     if abs(req.time - now) > CLOCK_SKEW:
         raise Reject(401, f"device request: time {req.time} is more than {CLOCK_SKEW} s from the backend's {now}")
     conn.execute(delete(db.nonces).where(db.nonces.c.expires_at < now))

@@ -69,6 +69,7 @@ def decode_sync_head(data: bytes) -> SyncHead:
 class UpdatesRequest:
     device_id: bytes
     since: int
+    rl_version: int
     time: int
     nonce: bytes
     raw: bytes

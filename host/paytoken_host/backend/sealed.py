@@ -21,8 +21,9 @@ NOISE_PROTOCOL = b"Noise_NK_25519_AESGCM_SHA256"
 MAX_MESSAGE = 65535  # a Noise message
 STATUSES = 32  # statuses in one answer (about 3 KB: the device holds the whole answer in RAM)
 VOUCHERS = 8  # vouchers in one answer
-# Bytes of updates in one answer beyond the revocation list and the acknowledgement: message 2 must fit the 4 KB a
-# USB frame or a BLE sync message carries, with its ephemeral key, tag, header and up to 255 bytes of error text.
+# Bytes of updates in one answer beyond the acknowledgement (revocation delta, vouchers, statuses): message 2 must fit
+# the 4 KB a USB frame or a BLE sync message carries, with its ephemeral key, tag, header and up to 255 bytes of error
+# text.
 UPDATES_BUDGET = 3072
 
 
@@ -76,7 +77,7 @@ def answer(be, plain: bytes, ephemeral: bytes) -> bytes:
             now = be.now()
             with db.read_tx(be.engine) as conn:
                 updates, cursor, more = be.device_updates(conn, req.device_id, req.since, now, STATUSES, VOUCHERS,
-                                                          UPDATES_BUDGET)
+                                                          UPDATES_BUDGET, req.rl_version)
             ust = 200
             wake = wake_token(be, req.device_id)
         except Reject as r:

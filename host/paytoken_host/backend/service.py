@@ -162,37 +162,49 @@ class Backend:
         return protocol.sign(self.key, wire.ack_body(dev["device_id"], dev["synced_seq"], dev["synced_hash"],
                                                      self.now()))
 
-    def revocation_list(self, conn) -> bytes | None:
-        rows = conn.execute(select(db.revocations.c.id, db.revocations.c.device_id)).all()
-        if not rows:
-            return None
-        return protocol.revocation_list(self.key, max(r.id for r in rows), self.now(), [r.device_id for r in rows])
+    def revocation_delta(self, conn, rl_version: int, budget: int | None = None) -> tuple[bytes | None, bool]:
+        """(the signed delta of the revocations after version rl_version, oldest first, or None; more remain): at most
+        MAX_REVOCATION_DELTA ids and, with `budget`, at most that many bytes with its 2 bytes of length. A device
+        that claims a version ahead of ours (only a tampered one could) finds no rows after it and gets nothing."""
+        most = wire.MAX_REVOCATION_DELTA
+        if budget is not None:
+            most = min(most, (budget - 2 - wire.revocation_length(0)) // wire.ID_LEN)
+        R = db.revocations
+        rows = conn.execute(select(R.c.id, R.c.device_id).where(R.c.id > rl_version).order_by(R.c.id)
+                            .limit(max(most, 0) + 1)).all()
+        if most < 1 or not rows:
+            return None, bool(rows)
+        more = len(rows) > most
+        rows = rows[:most]
+        return protocol.revocation_delta(self.key, rl_version, rows[-1].id, self.now(),
+                                         [r.device_id for r in rows]), more
 
-    def updates(self, authorization: str | None, device_id: bytes, since: int) -> dict:
-        """A device's backend-signed updates: revocation list, acknowledgement, vouchers it has not applied,
-        statuses of its payments after cursor `since`."""
+    def updates(self, authorization: str | None, device_id: bytes, since: int, rl_version: int = 0) -> dict:
+        """A device's backend-signed updates: the revocation delta after its list version `rl_version`, the
+        acknowledgement, vouchers it has not applied, statuses of its payments after cursor `since`."""
         from paytoken_host.backend import auth
 
         now = self.now()
         with db.write_tx(self.engine) as conn:
-            auth.device_request(conn, authorization, device_id, since, self.cert_of, now)
-            out, cursor, more = self.device_updates(conn, device_id, since, now)
+            auth.device_request(conn, authorization, device_id, since, self.cert_of, now, rl_version)
+            out, cursor, more = self.device_updates(conn, device_id, since, now, rl_version=rl_version)
         return {"device_id": device_id.hex(), "time": now, "cursor": cursor, "more": more,
                 "updates": [u.hex() for u in out]}
 
     def device_updates(self, conn, device_id: bytes, since: int, now: int, page: int = STATUS_PAGE,
-                       vouchers: int | None = None, budget: int | None = None) -> tuple[list[bytes], int, bool]:
-        """(updates in the order to apply them, the new status cursor, more to come): at most `page` statuses and
-        `vouchers` vouchers (None: all), and with `budget` at most that many bytes of updates (2 bytes of length
-        each) beyond the revocation list and the acknowledgement; `more` when anything was cut short."""
+                       vouchers: int | None = None, budget: int | None = None,
+                       rl_version: int = 0) -> tuple[list[bytes], int, bool]:
+        """(updates in the order to apply them, the new status cursor, more to come): the revocation delta after
+        `rl_version`, the acknowledgement, at most `vouchers` vouchers (None: all) and `page` statuses, and with
+        `budget` at most that many bytes of updates (2 bytes of length each); `more` when anything was cut short."""
         P, C = db.payments, db.conflicts
         dev = dict(conn.execute(select(db.devices).where(db.devices.c.device_id == device_id)).first()._mapping)
-        out = []
-        rl = self.revocation_list(conn)
+        out = [self._ack(dev)] if dev["synced_seq"] > 0 else []
+        # The delta before everything but the acknowledgement: revocations are what a device must not go without.
+        rl, more = self.revocation_delta(conn, rl_version,
+                                         None if budget is None else budget - sum(len(u) + 2 for u in out))
         if rl:
-            out.append(rl)
-        if dev["synced_seq"] > 0:
-            out.append(self._ack(dev))
+            out.insert(0, rl)
         if budget is not None:  # what fits the device's largest message: vouchers first, then statuses
             left = budget - sum(len(u) + 2 for u in out)
             vouchers = max(0, min(vouchers if vouchers is not None else left, left // (VOUCHER_LEN + 2)))
@@ -201,7 +213,7 @@ class Backend:
             (db.vouchers.c.device_id == device_id) & (db.vouchers.c.counter > dev["vouchers_seen"])
         ).order_by(db.vouchers.c.counter)
         raws = [raw for (raw,) in conn.execute(q if vouchers is None else q.limit(vouchers + 1))]
-        more = vouchers is not None and len(raws) > vouchers
+        more = more or (vouchers is not None and len(raws) > vouchers)
         out += raws[:vouchers]
         found = []
         for txid, st, upd in conn.execute(select(P.c.txid, P.c.payer_status, P.c.payer_upd).where(

@@ -101,6 +101,10 @@ def revoke_device(conn: Connection, dev: dict, reason: str, now: int) -> bool:
     dev["revoked_at"], dev["revoke_reason"] = now, reason
     exists = conn.execute(select(db.revocations.c.id).where(db.revocations.c.device_id == dev["device_id"])).first()
     if not exists:
+        if conn.dialect.name == "postgresql":
+            # Row ids are list versions and devices take revocations in id order, so ids must become visible in
+            # that order: one revocation commits at a time (readers are not blocked).
+            conn.execute(text("LOCK TABLE revocations IN SHARE ROW EXCLUSIVE MODE"))
         conn.execute(insert(db.revocations).values(device_id=dev["device_id"], revoked_at=now, reason=reason))
     conn.execute(update(db.devices).where(db.devices.c.device_id == dev["device_id"])
                  .values(revoked_at=now, revoke_reason=reason))
