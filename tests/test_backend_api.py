@@ -138,10 +138,10 @@ def test_updates_carry_the_revocation_delta_after_the_signed_version(api):
         return [wire.decode_revocation(u) for u in raws if u[0] == wire.T_REVOCATION]
 
     (whole,) = deltas(0)
-    assert (whole.from_version, whole.device_ids) == (0, sorted(d.device_id for d in revoked))
+    assert (whole.from_version, whole.ids) == (0, b"".join(sorted(d.device_id for d in revoked)))
     (rest,) = deltas(whole.to_version - 1)  # only the newest one
-    assert (rest.from_version, rest.to_version, rest.device_ids) == (whole.to_version - 1, whole.to_version,
-                                                                     [revoked[-1].device_id])
+    assert (rest.from_version, rest.to_version, rest.ids) == (whole.to_version - 1, whole.to_version,
+                                                              revoked[-1].device_id)
     assert deltas(whole.to_version) == [] and deltas(whole.to_version + 7) == []  # up to date; ahead: nothing
     r = client.get(path, headers={"Authorization": updates_auth(a, rl_version=3)})  # version not the signed one
     assert r.status_code == 401 and "revocation list version" in r.json()["error"]

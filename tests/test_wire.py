@@ -87,7 +87,7 @@ def _delta(from_version: int, to_version: int, ids: list[bytes]) -> bytes:
 def test_revocation_delta_decodes_strictly(mp):
     ids = [i.to_bytes(8, "big") for i in range(1, 300)]
     good = _delta(4, 6, ids[:2])
-    assert wire.decode_revocation(good)[:4] == (4, 6, NOW, ids[:2])
+    assert wire.decode_revocation(good)[:4] == (4, 6, NOW, ids[0] + ids[1])
     assert wire.revocation_length(2) == len(good)
     bad = {"versions must ascend": [_delta(5, 5, ids[:1]), _delta(6, 5, ids[:1])],
            "bad count": [_delta(0, 5, []), _delta(4, 5, ids[:2]), _delta(0, 1000, ids[:256])],
@@ -101,7 +101,7 @@ def test_revocation_delta_decodes_strictly(mp):
                 frm, to, _, n = struct.unpack_from(">IIIH", raw, 2)
                 with pytest.raises(wire.WireError, match=what):
                     wire.revocation_body(frm, to, NOW, [raw[16 + 8 * i:24 + 8 * i] for i in range(n)])
-    assert len(wire.decode_revocation(_delta(0, 1000, ids[:255])).device_ids) == 255
+    assert wire.decode_revocation(_delta(0, 1000, ids[:255])).ids == b"".join(ids[:255])
 
 
 @settings(max_examples=300, deadline=None)

@@ -56,8 +56,9 @@ class RevokedIds:
         return False
 
     def merge(self, version, ids):
-        # The list with `ids` (ascending) added, as `version`: streamed into <path>.new, which then replaces the
-        # file, so a power cut leaves either the old list and version or the new ones, never a mix.
+        # The list with `ids` (8 bytes each, ascending, in one bytes object) added, as `version`: streamed into
+        # <path>.new, which then replaces the file, so a power cut leaves either the old list and version or the
+        # new ones, never a mix.
         tmp = self.path + ".new"
         left = self.count
         n = 0
@@ -68,7 +69,8 @@ class RevokedIds:
                 if old:
                     old.seek(4)
                 cur = old.read(wire.ID_LEN) if left else None
-                for d in ids:
+                for o in range(0, len(ids), wire.ID_LEN):
+                    d = ids[o:o + wire.ID_LEN]
                     while cur is not None and cur <= d:
                         if cur != d:  # an id listed already is written once, below
                             out.write(cur)
@@ -140,7 +142,7 @@ class Trust:
             raise Refused(reasons.SIGNATURE, "revocation list")
         if rl.from_version != self.revoked.version:
             return False
-        self.revoked.merge(rl.to_version, rl.device_ids)
+        self.revoked.merge(rl.to_version, rl.ids)
         return True
 
 

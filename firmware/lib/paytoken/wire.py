@@ -128,7 +128,8 @@ MAX_REVOCATION_DELTA = const(255)
 _RL_HEAD = ">BBIIIH"
 _RL_HEAD_LEN = struct.calcsize(_RL_HEAD)
 
-RevocationDelta = namedtuple("RevocationDelta", ("from_version", "to_version", "issued_at", "device_ids", "raw"))
+# ids: the count device ids as one bytes object (8 bytes each): a device holds no object per id.
+RevocationDelta = namedtuple("RevocationDelta", ("from_version", "to_version", "issued_at", "ids", "raw"))
 
 
 def revocation_length(count):
@@ -160,16 +161,11 @@ def decode_revocation(data):
     _, _, from_version, to_version, issued_at, count = struct.unpack_from(_RL_HEAD, data, 0)
     _check_len(data, revocation_length(count), "revocation delta")
     _check_delta(from_version, to_version, count)
-    ids = []
-    prev = b""
-    for i in range(count):
-        o = _RL_HEAD_LEN + i * ID_LEN
-        d = data[o:o + ID_LEN]
-        if d <= prev:
+    end = _RL_HEAD_LEN + count * ID_LEN
+    for o in range(_RL_HEAD_LEN + ID_LEN, end, ID_LEN):
+        if data[o:o + ID_LEN] <= data[o - ID_LEN:o]:
             raise WireError("revocation delta: ids not strictly ascending")
-        ids.append(d)
-        prev = d
-    return RevocationDelta(from_version, to_version, issued_at, ids, data)
+    return RevocationDelta(from_version, to_version, issued_at, data[_RL_HEAD_LEN:end], data)
 
 
 # ---- payment (signed by the payer's identity key) ----
