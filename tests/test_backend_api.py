@@ -9,7 +9,7 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
-from paytoken import wire
+from paytoken import revocation, wire
 from paytoken_host.backend.api import create_app
 from paytoken_host.backend.config import Config
 from tests.backend_rig import NOW, World, make_database, new_backend, pay, tokens, updates_auth
@@ -130,12 +130,12 @@ def test_updates_carry_the_revocation_delta_after_the_signed_version(api):
         backend.revoke(d.device_id, "lost")
     path = f"/v1/devices/{a.device_id.hex()}/updates"
 
-    def deltas(rl_version: int) -> list[wire.RevocationDelta]:
+    def deltas(rl_version: int) -> list[revocation.Delta]:
         auth = updates_auth(a, rl_version=rl_version)
         r = client.get(f"{path}?rl_version={rl_version}", headers={"Authorization": auth})
         assert r.status_code == 200, r.text
         raws = [bytes.fromhex(u) for u in r.json()["updates"]]
-        return [wire.decode_revocation(u) for u in raws if u[0] == wire.T_REVOCATION]
+        return [revocation.decode_delta(u) for u in raws if u[0] == wire.T_REVOCATION]
 
     (whole,) = deltas(0)
     assert (whole.from_version, whole.ids) == (0, b"".join(sorted(d.device_id for d in revoked)))

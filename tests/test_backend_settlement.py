@@ -11,7 +11,7 @@ import struct
 import pytest
 from sqlalchemy import func, select
 
-from paytoken import reasons, wire
+from paytoken import reasons, revocation, wire
 from paytoken_host import protocol
 from paytoken_host.backend import db
 from paytoken_host.backend import formats as F
@@ -200,7 +200,7 @@ def test_fork_two_payments_with_one_counter_revokes_and_never_settles_twice(env)
     # revoked: on the signed revocation list, and the device's own uploads are refused
     rl = [bytes.fromhex(u) for u in backend.updates(updates_auth(payee), payee.device_id, 0)["updates"]
           if u.startswith("52")]
-    assert wire.decode_revocation(rl[0]).ids == payer.device_id
+    assert revocation.decode_delta(rl[0]).ids == payer.device_id
     with pytest.raises(Reject) as e:
         backend.upload(payer.batch().encode())
     assert e.value.status == 403 and "revoked" in e.value.reason

@@ -181,7 +181,7 @@ def test_revocation_list_survives_a_restart(rig):
 def test_a_cut_before_the_rename_keeps_the_old_list(rig):
     delta = functools.partial(protocol.revocation_delta, rig.world.backend)
     assert rig.call(f"ew.apply_update({delta(0, 2, NOW, [rig.payer.device_id])!r})") is True
-    rig.mp.exec("from paytoken import trust as _t\n_os = _t.os\n"  # the power fails as the file is renamed
+    rig.mp.exec("from paytoken import revocation as _t\n_os = _t.os\n"  # the power fails as the file is renamed
                 "class _Cut:\n    stat = _os.stat\n"
                 "    def rename(a, b):\n        raise OSError(5)\n_t.os = _Cut\n")
     try:
@@ -222,7 +222,7 @@ def test_hundreds_of_revoked_ids_are_looked_up_in_flash_not_held_in_ram(rig):
                 "    def __exit__(self, *a):\n        self.f.close()\n"
                 "    def seek(self, n):\n        return self.f.seek(n)\n"
                 "    def read(self, n):\n        self.reads += 1\n        return self.f.read(n)\n"
-                "from paytoken import trust as _t\n_opened = []\n"
+                "from paytoken import revocation as _t\n_opened = []\n"
                 "def _open(p, m):\n    _opened.append(_F(open(p, m)))\n    return _opened[-1]\n"
                 "_t.open = _open\n")
     try:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paytoken import base45, wire
+from paytoken import base45, revocation, wire
 from paytoken_host import protocol
 from tests.protocol_rig import NOW, World
 
@@ -49,32 +49,34 @@ def samples() -> dict[str, bytes]:
     rl = protocol.revocation_delta(world.backend, 3, 7, NOW, [os.urandom(8), os.urandom(8)])
     qr = wire.qr_payload(payee.device_id[:4], bytes(6), True, payee.static[1], os.urandom(8), 500, 840)
     return {"decode_cert": payer.cert, "decode_cert ": payee.cert, "decode_payment": payment,
-            "decode_receipt": receipt, "decode_revocation": rl, "decode_qr": qr}
+            "decode_receipt": receipt, "revocation.decode_delta": rl, "decode_qr": qr}
 
 
 def test_every_format_decodes_alike_on_both_sides_and_rejects_damage(mp):
     for fn, raw in samples().items():
-        name = f"paytoken.wire.{fn.strip()}"
-        host = getattr(wire, fn.strip())(raw)
+        module, _, fn = ("wire." + fn.strip()).rpartition(".") if "." not in fn else fn.rpartition(".")
+        mod = revocation if module == "revocation" else wire
+        name = f"paytoken.{module}.{fn}"
+        host = getattr(mod, fn)(raw)
         device = mp.call(name, raw)
         assert device == [list(v) if isinstance(v, list) else v for v in host]
         bad = [raw[:-1], raw + b"\x00", raw[:1], b""]
-        if fn.strip() != "decode_qr":
+        if fn != "decode_qr":
             bad += [bytes([raw[0] ^ 0x20]) + raw[1:], raw[:1] + bytes([raw[1] ^ 3]) + raw[2:]]  # type, version
         else:
             bad += [b"\x20" + raw[1:]]
         for args, (ok, err) in zip(bad, mp.map(name, [(b,) for b in bad]), strict=True):
             assert not ok and err.startswith("WireError"), (fn, args.hex(), err)
             with pytest.raises(wire.WireError):
-                getattr(wire, fn.strip())(args)
+                getattr(mod, fn)(args)
 
 
 def test_revocation_delta_ids_must_ascend(mp):
     world = World()
-    body = bytearray(wire.revocation_body(0, 2, NOW, [b"\x01" * 8, b"\x02" * 8]))
+    body = bytearray(revocation.delta_body(0, 2, NOW, [b"\x01" * 8, b"\x02" * 8]))
     body[16:32] = b"\x02" * 8 + b"\x01" * 8
     rl = protocol.sign(world.backend, bytes(body))
-    ok, err = mp.map("paytoken.wire.decode_revocation", [(rl,)])[0]
+    ok, err = mp.map("paytoken.revocation.decode_delta", [(rl,)])[0]
     assert not ok and "ascending" in err
 
 
@@ -87,27 +89,27 @@ def _delta(from_version: int, to_version: int, ids: list[bytes]) -> bytes:
 def test_revocation_delta_decodes_strictly(mp):
     ids = [i.to_bytes(8, "big") for i in range(1, 300)]
     good = _delta(4, 6, ids[:2])
-    assert wire.decode_revocation(good)[:4] == (4, 6, NOW, ids[0] + ids[1])
-    assert wire.revocation_length(2) == len(good)
+    assert revocation.decode_delta(good)[:4] == (4, 6, NOW, ids[0] + ids[1])
+    assert revocation.delta_length(2) == len(good)
     bad = {"versions must ascend": [_delta(5, 5, ids[:1]), _delta(6, 5, ids[:1])],
            "bad count": [_delta(0, 5, []), _delta(4, 5, ids[:2]), _delta(0, 1000, ids[:256])],
            "ascending": [_delta(0, 5, [ids[0], ids[0]])]}
     for what, raws in bad.items():
-        for raw, (ok, err) in zip(raws, mp.map("paytoken.wire.decode_revocation", [(r,) for r in raws]), strict=True):
+        for raw, (ok, err) in zip(raws, mp.map("paytoken.revocation.decode_delta", [(r,) for r in raws]), strict=True):
             assert not ok and what in err, (raw[:16].hex(), err)
             with pytest.raises(wire.WireError, match=what):
-                wire.decode_revocation(raw)
+                revocation.decode_delta(raw)
             if what != "ascending":  # and the backend cannot make one either (it sorts and dedups ids itself)
                 frm, to, _, n = struct.unpack_from(">IIIH", raw, 2)
                 with pytest.raises(wire.WireError, match=what):
-                    wire.revocation_body(frm, to, NOW, [raw[16 + 8 * i:24 + 8 * i] for i in range(n)])
-    assert wire.decode_revocation(_delta(0, 1000, ids[:255])).ids == b"".join(ids[:255])
+                    revocation.delta_body(frm, to, NOW, [raw[16 + 8 * i:24 + 8 * i] for i in range(n)])
+    assert revocation.decode_delta(_delta(0, 1000, ids[:255])).ids == b"".join(ids[:255])
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_decoders_never_fail_otherwise(data):
-    for fn in (wire.decode_cert, wire.decode_payment, wire.decode_receipt, wire.decode_revocation, wire.decode_qr,
+    for fn in (wire.decode_cert, wire.decode_payment, wire.decode_receipt, revocation.decode_delta, wire.decode_qr,
                wire.decode_payee_hello, wire.decode_payer_hello, wire.decode_payer_final, wire.decode_receipt_msg):
         try:
             fn(data)

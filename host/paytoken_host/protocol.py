@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from paytoken import wire
+from paytoken import revocation, wire
 
 CURVE = ec.SECP256R1()
 
@@ -128,4 +128,4 @@ def verify_receipt(raw: bytes, payee_cert: wire.Certificate, payment_raw: bytes)
 def revocation_delta(key: ec.EllipticCurvePrivateKey, from_version: int, to_version: int, issued_at: int,
                      ids: list[bytes]) -> bytes:
     """The backend-signed revocations with row ids in (from_version, to_version]."""
-    return sign(key, wire.revocation_body(from_version, to_version, issued_at, ids))
+    return sign(key, revocation.delta_body(from_version, to_version, issued_at, ids))

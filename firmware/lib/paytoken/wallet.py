@@ -14,7 +14,7 @@ from paytoken import reasons, wire
 from paytoken.crypto import p256
 from paytoken.ledger import Ledger
 from paytoken.reasons import Refused
-from paytoken.trust import RevokedIds, payment_hash
+from paytoken.trust import payment_hash
 from paytoken.wire import K_ACK, K_RCVD, K_RESULT, K_SENT, K_STATUS, K_VOUCHER
 
 ZERO_HASH = bytes(wire.HASH_LEN)
@@ -45,7 +45,8 @@ class Wallet:
         self.ledger = Ledger(ledger_path)
         # The revocation list lives next to the ledger, outside it: it is not money. One wallet a device, so the
         # wallet's file is the device's list.
-        trust.revoked = RevokedIds(ledger_path + ".revoked")
+        trust.revoked_path = ledger_path + ".revoked"
+        trust.revoked = None  # opened on first use (paytoken.revocation)
         self._reset()
         if self.ledger.checkpoint:
             self._load_snapshot(self.ledger.checkpoint)

@@ -118,55 +118,8 @@ def decode_cert(data):
                        nb, na, key_id, data)
 
 
-# ---- revocation delta (backend-signed) ----
-# type, version 2, from_version u32, to_version u32, issued_at u32, count u16, device ids (8 each, strictly
-# ascending), signature 64. Exactly the revocations whose backend row id is in (from_version, to_version]: a
-# device holding version from_version applies it and then holds to_version. Row ids may have gaps, so count is
-# 1 to to_version - from_version, and at most MAX_REVOCATION_DELTA (a device holds the whole delta in RAM).
-REVOCATION_VERSION = const(2)
-MAX_REVOCATION_DELTA = const(255)
-_RL_HEAD = ">BBIIIH"
-_RL_HEAD_LEN = struct.calcsize(_RL_HEAD)
-
-# ids: the count device ids as one bytes object (8 bytes each): a device holds no object per id.
-RevocationDelta = namedtuple("RevocationDelta", ("from_version", "to_version", "issued_at", "ids", "raw"))
-
-
-def revocation_length(count):
-    return _RL_HEAD_LEN + count * ID_LEN + SIG_LEN
-
-
-def _check_delta(from_version, to_version, count):
-    if not 0 <= from_version < to_version <= 0xFFFFFFFF:
-        raise WireError("revocation delta: versions must ascend")
-    if not 1 <= count <= min(MAX_REVOCATION_DELTA, to_version - from_version):
-        raise WireError("revocation delta: bad count")
-
-
-def revocation_body(from_version, to_version, issued_at, device_ids):
-    ids = sorted(set(bytes(i) for i in device_ids))
-    for i in ids:
-        if len(i) != ID_LEN:
-            raise WireError("revocation delta: bad device id")
-    _check_delta(from_version, to_version, len(ids))
-    return struct.pack(_RL_HEAD, T_REVOCATION, REVOCATION_VERSION, from_version, to_version, issued_at,
-                       len(ids)) + b"".join(ids)
-
-
-def decode_revocation(data):
-    data = bytes(data)
-    _check_header(data, T_REVOCATION, "revocation delta", REVOCATION_VERSION)
-    if len(data) < _RL_HEAD_LEN:
-        raise WireError("revocation delta: wrong length")
-    _, _, from_version, to_version, issued_at, count = struct.unpack_from(_RL_HEAD, data, 0)
-    _check_len(data, revocation_length(count), "revocation delta")
-    _check_delta(from_version, to_version, count)
-    end = _RL_HEAD_LEN + count * ID_LEN
-    for o in range(_RL_HEAD_LEN + ID_LEN, end, ID_LEN):
-        if data[o:o + ID_LEN] <= data[o - ID_LEN:o]:
-            raise WireError("revocation delta: ids not strictly ascending")
-    return RevocationDelta(from_version, to_version, issued_at, data[_RL_HEAD_LEN:end], data)
-
+# ---- revocation delta (backend-signed): type T_REVOCATION, defined in paytoken/revocation.py, loaded only where
+# a device has a revocation list or syncs, never on the payment path of one without ----
 
 # ---- payment (signed by the payer's identity key) ----
 # type, version, txid 16 (txid(payer_id, counter)), payer_id 8, payee_id 8, amount u32 (minor units),

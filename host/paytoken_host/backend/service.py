@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from paytoken import wire
+from paytoken import revocation, wire
 from paytoken_host import protocol
 from paytoken_host.backend import db, journal, outbox, sealed
 from paytoken_host.backend import formats as F
@@ -164,11 +164,11 @@ class Backend:
 
     def revocation_delta(self, conn, rl_version: int, budget: int | None = None) -> tuple[bytes | None, bool]:
         """(the signed delta of the revocations after version rl_version, oldest first, or None; more remain): at most
-        MAX_REVOCATION_DELTA ids and, with `budget`, at most that many bytes with its 2 bytes of length. A device
+        revocation.MAX_DELTA ids and, with `budget`, at most that many bytes with its 2 bytes of length. A device
         that claims a version ahead of ours (only a tampered one could) finds no rows after it and gets nothing."""
-        most = wire.MAX_REVOCATION_DELTA
+        most = revocation.MAX_DELTA
         if budget is not None:
-            most = min(most, (budget - 2 - wire.revocation_length(0)) // wire.ID_LEN)
+            most = min(most, (budget - 2 - revocation.delta_length(0)) // wire.ID_LEN)
         R = db.revocations
         rows = conn.execute(select(R.c.id, R.c.device_id).where(R.c.id > rl_version).order_by(R.c.id)
                             .limit(max(most, 0) + 1)).all()
