@@ -405,7 +405,7 @@ def test_status_summary_is_one_format_for_usb_and_ble(mp):
         assert mp.call("paytoken.syncwire.status_summary", h, rows) == body
         assert syncwire.decode_status_summary(body) == (h, rows[-8:])
         assert parse_summary(body) == Summary(h, [Payment(*r) for r in rows[-8:]])
-        assert syncgatt.decode_status(syncgatt.status(h, rows)[1:]) == (h, rows[-8:])
+        assert syncgatt.decode_status(syncgatt.status(syncwire.status_summary(h, rows))[1:]) == (h, rows[-8:])
     body = syncwire.status_summary(hint, rows[:1])
     damaged = body.replace(b"settled", b"settl\xffd")
     for bad in (b"", b"\x00", b"\x02\x00", body[:-1], body + b"\x00", body[:21], damaged):

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from paytoken import framing
+from paytoken import framing, syncwire
 from paytoken.ble import gatt, syncgatt
 from paytoken.link import LinkError
 from paytoken_host.hostpayer import BleakLink, Radio
@@ -202,11 +202,12 @@ def test_the_sync_service_bytes_decode_strictly():
     # SyncGattError, never a wrong value.
     rows = [(1, bytes(range(16)), 2_500, "settled"), (2, bytes(16), 1, "pending")]
     hint = (bytes(range(16, 32)), 7)
-    status = syncgatt.status(hint, rows)
+    status = syncgatt.status(syncwire.status_summary(hint, rows))
     body, final, reason = syncgatt.decode(status, syncgatt.STATUS_R)
     assert body is not None and (final, reason) == (False, "")
     assert syncgatt.decode_status(body) == (hint, rows)
-    assert syncgatt.decode_status(syncgatt.decode(syncgatt.status(None, []), syncgatt.STATUS_R)[0]) == (None, [])
+    empty = syncgatt.status(syncwire.status_summary(None, []))
+    assert syncgatt.decode_status(syncgatt.decode(empty, syncgatt.STATUS_R)[0]) == (None, [])
     for bad in (body[:-1], body + b"\0", b"\x01" + bytes(5), b""):
         with pytest.raises(syncgatt.SyncGattError):
             syncgatt.decode_status(bad)

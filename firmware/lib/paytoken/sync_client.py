@@ -195,6 +195,13 @@ def counts(wallet):
     return ", ".join("%s %d" % kv for kv in sorted(n.items())) or "no payments"
 
 
+def summary(wallet, client=None):
+    # The status summary a relay reads, over USB or BLE alike (syncwire.status_summary): the client's wake hint,
+    # once it has one, and the newest payments' statuses
+    hint = client.wake_hint() if client is not None else None
+    return syncwire.status_summary(hint, statuses(wallet, syncwire.SUMMARY_ROWS))
+
+
 def field(text):
     # A screen text as one field of an event line: "pending_1+settled_2"
     return text.replace(", ", "+").replace(" ", "_")

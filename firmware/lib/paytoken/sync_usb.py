@@ -9,8 +9,7 @@
 #   SYNC_STATUS ()     -> the status summary (paytoken.syncwire.status_summary, the same as BLE STATUS's)
 # A push repeated byte for byte (the relay did not get the response) gets the same response again, nothing
 # applied twice. on_sync(handler) is called when a sync ends (a pull with nothing more to say).
-from paytoken.sync_client import SyncClient, SyncError, statuses
-from paytoken.syncwire import SUMMARY_ROWS, status_summary
+from paytoken.sync_client import SyncClient, SyncError, summary
 from paytoken.usb import frames
 from paytoken.usb.service import Error
 
@@ -73,5 +72,4 @@ class SyncHandler:
         return body
 
     def summary(self):
-        hint = self.last.wake_hint() if self.last is not None else None
-        return status_summary(hint, statuses(self.wallet, SUMMARY_ROWS))
+        return summary(self.wallet, self.last)

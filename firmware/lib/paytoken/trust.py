@@ -68,8 +68,7 @@ class Trust:
     def is_revoked(self, device_id):
         if self._revoked is None and not _exists(self.revoked_path):
             return False  # no list yet: nothing of it loaded
-        r = self.revoked
-        return r is not None and device_id in r
+        return device_id in self.revoked
 
     def apply_revocation(self, raw):
         # Adds a backend-signed revocation delta that starts at the version we hold; any other (applied already,

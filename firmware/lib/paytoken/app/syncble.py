@@ -23,8 +23,7 @@ from paytoken.ble.irq import dispatcher
 from paytoken.ble.peripheral import Peripheral
 from paytoken.framing import MAX_MESSAGE
 from paytoken.link import LinkError
-from paytoken.sync_client import SyncClient, SyncError, counts, field, statuses
-from paytoken.syncwire import SUMMARY_ROWS
+from paytoken.sync_client import SyncClient, SyncError, counts, field, summary
 
 WINDOW_MS = const(60000)  # sync mode lasts this long unless a relay completes the sync first
 IDLE_MS = const(20000)  # a relay's next request must come within this long
@@ -56,7 +55,7 @@ def handle(client, wallet, req):
         if op == syncgatt.PUSH and len(req) > 1:
             return syncgatt.pushed(client.answer(memoryview(req)[1:]))
         if op == syncgatt.STATUS and len(req) == 1:
-            return syncgatt.status(client.wake_hint(), statuses(wallet, SUMMARY_ROWS))
+            return syncgatt.status(summary(wallet, client))
         return syncgatt.error(False, "bad request 0x%02x (%d bytes)" % (op, len(req)))
     except SyncError as e:
         return syncgatt.error(e.final, str(e))

@@ -56,9 +56,9 @@ def error(final, reason):
     return bytes((ERROR, 1 if final else 0)) + reason.encode()[:200]
 
 
-def status(hint, rows):
-    # hint: (wake token, cursor) or None; rows: [(role, txid, amount, status text)], oldest first
-    return bytes((STATUS_R,)) + syncwire.status_summary(hint, rows)
+def status(summary):
+    # summary: the device's status summary (syncwire.status_summary; sync_client.summary builds it)
+    return bytes((STATUS_R,)) + summary
 
 
 # --- the relay's side: responses decoded (SyncGattError for anything malformed) ---
