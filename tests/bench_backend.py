@@ -155,7 +155,9 @@ def run_server_bench(url: str, key_path: str, batches: list[str]) -> dict:
     latencies: list[float] = []
     settled = 0
     try:
-        with httpx.Client(timeout=120) as client:
+        # A connection per upload, as sync bridges make (each relays one device's sync): four kept-alive
+        # connections would stay with whichever worker accepted them, often three on one and one on the other.
+        with httpx.Client(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             # one warm-up request per worker connection (imports, caches); not counted
             client.get(f"http://127.0.0.1:{port}/health")
 
@@ -191,7 +193,7 @@ def run_backend(rows: list[dict], n_batches: int = 60) -> None:
     from tests.backend_rig import PG_URL, pg_reachable
 
     print(f"\n== Settlement backend (HTTP API, 2 uvicorn workers, {CLIENTS} concurrent relays, "
-          f"batches of {BATCH} payee records)")
+          f"batches of {BATCH} payee records, a connection per upload)")
     rate, cores = raw_verify_rate()
     print(f"raw limit (limit/s): P-256 verifications/s with cryptography on {cores} cores, best of the runs before "
           f"each database ({rate:,.0f} at first), / {SIGS_PER_PAYMENT} signatures per payment")

@@ -92,6 +92,8 @@ journal_lines = Table(
     Column("amount", BigInteger, nullable=False),  # debit > 0, credit < 0; each entry sums to 0
 )
 
+OPEN = "state IN ('pending', 'held')"  # payments not yet final (a WHERE clause; ix_payments_open's)
+
 payments = Table(
     "payments", metadata,
     Column("txid", LargeBinary(16), primary_key=True),  # unique per (payer, counter): a counter settles once
@@ -121,6 +123,8 @@ payments = Table(
     # only the few payments waiting for a receipt are indexed for the expiry sweep
     Index("ix_payments_pending", "expires_at", sqlite_where=text("state = 'pending'"),
           postgresql_where=text("state = 'pending'")),
+    # the open (pending or held) payments of a payer, which every upload naming it looks up (migration 0003)
+    Index("ix_payments_open", "payer_id", sqlite_where=text(OPEN), postgresql_where=text(OPEN)),
 )
 
 conflicts = Table(

@@ -40,7 +40,7 @@ from paytoken_host.backend.verify import PaymentObs, Reject, Verified
 
 DAY = 86_400
 FINAL = ("settled", "voided", "refunded", "rejected")
-OPEN = "state IN ('pending', 'held')"  # payments not yet final
+OPEN = db.OPEN
 _MUTABLE = ("receipt", "receipt_status", "payer_seq", "payer_result", "state", "reason", "expires_at", "final_at",
             "entry_id", "payer_status", "payer_upd", "payee_status", "payee_upd")
 _DEVICE_STATE = ("synced_seq", "synced_hash", "payer_counter", "prev_hash", "offline_spent", "last_sent",

@@ -11,16 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from paytoken import wire
 from paytoken_host import protocol
 from paytoken_host.backend import formats as F
-
-_ECDSA = ec.ECDSA(hashes.SHA256())
 
 
 class Reject(Exception):
@@ -39,19 +34,12 @@ def public_key(pub: bytes) -> ec.EllipticCurvePublicKey:
 
 
 def signed_by(pub: bytes, raw: bytes) -> bool:
-    if len(raw) <= wire.SIG_LEN:
-        return False
+    """protocol.signed_by with the parsed key cached."""
     try:
         key = public_key(pub)
     except ValueError:
         return False
-    r = int.from_bytes(raw[-64:-32], "big")
-    s = int.from_bytes(raw[-32:], "big")
-    try:
-        key.verify(encode_dss_signature(r, s), raw[:-64], _ECDSA)
-    except InvalidSignature:
-        return False
-    return True
+    return protocol.verifies(key, raw)
 
 
 def check_cert(raw: bytes, issuer_pub: bytes) -> wire.Certificate:
