@@ -280,6 +280,14 @@ def write_tx(engine: Engine) -> Iterator[Connection]:
 
 
 @contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A connection whose statements each commit on their own: for a lone statement, whose transaction would
+    cost two more round trips (BEGIN, COMMIT) and as many of SQLAlchemy's steps."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        yield conn
+
+
+@contextmanager
 def read_tx(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn:
         with conn.begin():

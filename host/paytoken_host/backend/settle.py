@@ -89,8 +89,17 @@ def is_retryable(e: Exception) -> bool:
     return code in ("40001", "40P01") or "database is locked" in str(e)
 
 
-def lock_devices(conn: Connection, ids: set[bytes]) -> dict[bytes, dict]:
-    """The device rows, locked FOR UPDATE in device-id order (PostgreSQL; SQLite's writer holds the database)."""
+def lock_devices(conn: Connection, ids: set[bytes], payees_of: list[bytes] = ()) -> dict[bytes, dict]:
+    """The device rows, locked FOR UPDATE in device-id order (PostgreSQL; SQLite's writer holds the database):
+    those of `ids` and of the payees of the open payments of the payers `payees_of` (settled here too, so locked
+    in the same ordered round: a later, out-of-order lock could deadlock with another upload)."""
+    if payees_of and conn.dialect.name == "postgresql":  # one statement: the payees' lookup inside the lock's
+        sql = (f"SELECT * FROM devices WHERE device_id = ANY(array_cat(%b::bytea[], ARRAY(SELECT payee_id FROM "
+               f"payments WHERE payer_id = ANY(%b::bytea[]) AND {OPEN}))) ORDER BY device_id FOR UPDATE")
+        return {r["device_id"]: r for r in db.pg_rows(conn, sql, [sorted(ids), list(payees_of)])}
+    if payees_of:
+        ids = ids | {r["payee_id"] for r in rows_where_any(conn, db.payments, "payer_id", payees_of, OPEN,
+                                                           columns=("payee_id",))}
     return {r["device_id"]: r for r in rows_where_any(conn, db.devices, "device_id", sorted(ids), lock=True)}
 
 
@@ -216,14 +225,8 @@ class Settlement:
         for _, kind, data in v.events:
             if kind in (F.K_SENT, F.K_RCVD):
                 ids.update((data.payment.payer_id, data.payment.payee_id))
-        # Payees of the involved payers' unsettled payments get settled here too: lock them in the same
-        # ordered round (a later, out-of-order lock could deadlock with another upload).
-        # (One statement with the lock costs the database more: an OR of the two defeats the indexes.)
-        P = db.payments
         payers = sorted({d.payment.payer_id for _, k, d in v.events if k in (F.K_SENT, F.K_RCVD)})
-        if payers:
-            ids.update(r["payee_id"] for r in rows_where_any(conn, P, "payer_id", payers, OPEN, columns=("payee_id",)))
-        devs = lock_devices(conn, ids)
+        devs = lock_devices(conn, ids, payees_of=payers)
         me = devs[dev_id]
         if me["revoked_at"] is not None:
             raise Reject(403, f"device {dev_id.hex()} is revoked: {me['revoke_reason']}")
@@ -306,14 +309,18 @@ class Settlement:
             want.add(me["last_sent"])
         P = db.payments
         want_l = sorted(want)
-        step = 100_000 if conn.dialect.name == "postgresql" else 900
-        for i in range(0, len(want_l), step):
-            for r in rows_where_any(conn, P, "txid", want_l[i:i + step]):
-                ctx.rows[r["txid"]] = r
         payers = sorted({o.payment.payer_id for o in obs})
-        if payers:
-            for r in rows_where_any(conn, P, "payer_id", payers, OPEN):
+        if conn.dialect.name == "postgresql":  # both lookups in one statement (a payment may come twice: same row)
+            for r in db.pg_rows(conn, f"SELECT * FROM payments WHERE txid = ANY(%b) UNION ALL SELECT * FROM payments "
+                                      f"WHERE payer_id = ANY(%b) AND {OPEN}", [want_l, payers]):
                 ctx.rows.setdefault(r["txid"], r)
+        else:
+            for i in range(0, len(want_l), 900):  # SQLite's limit on a statement's parameters
+                for r in rows_where_any(conn, P, "txid", want_l[i:i + 900]):
+                    ctx.rows[r["txid"]] = r
+            if payers:
+                for r in rows_where_any(conn, P, "payer_id", payers, OPEN):
+                    ctx.rows.setdefault(r["txid"], r)
         extra = {r["payee_id"] for r in ctx.rows.values()} | {r["payer_id"] for r in ctx.rows.values()}
         extra -= set(ctx.devs)
         if extra:
@@ -620,9 +627,7 @@ class Settlement:
         now = int(self.clock())
         P = db.payments
         with db.write_tx(self.engine) as conn:
-            payees = set(conn.execute(select(P.c.payee_id).distinct().where(
-                (P.c.payer_id == device_id) & P.c.state.in_(("pending", "held")))).scalars())
-            devs = lock_devices(conn, {device_id} | payees)
+            devs = lock_devices(conn, {device_id}, payees_of=[device_id])
             if device_id not in devs:
                 raise Reject(404, "unknown device")
             ctx = Ctx(conn, now, self.expiry, devs, {})
