@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import random
 import struct
 import time
@@ -45,6 +46,7 @@ _MUTABLE = ("receipt", "receipt_status", "payer_seq", "payer_result", "state", "
             "entry_id", "payer_status", "payer_upd", "payee_status", "payee_upd")
 _DEVICE_STATE = ("synced_seq", "synced_hash", "payer_counter", "prev_hash", "offline_spent", "last_sent",
                  "rcvd_count", "acked_upto", "vouchers_seen", "update_seq", "revoked_at", "revoke_reason")
+_device_state = operator.itemgetter(*_DEVICE_STATE)  # a device row's state, as a tuple to compare
 
 
 _PARTIES = (("payer_id", "payer_status", "payer_upd"), ("payee_id", "payee_status", "payee_upd"))  # Ctx.tell
@@ -587,8 +589,8 @@ class Settlement:
             }, ctx.now)
         self._write_rows(ctx)
         me["synced_seq"], me["synced_hash"] = b.upto_seq, b.head.chain_hash
-        changed = [dev for dev in ctx.devs.values() if any(dev[k] != ctx.orig[dev["device_id"]][k]
-                                                           for k in _DEVICE_STATE)]
+        state = _device_state
+        changed = [dev for dev in ctx.devs.values() if state(dev) != state(ctx.orig[dev["device_id"]])]
         db.update_many(conn, db.devices, "device_id", _DEVICE_STATE,
                        sorted(changed, key=lambda d: d["device_id"]))
         # Payment records (SENT, RESULT, RCVD) are rebuilt byte for byte from the payments table (payment and
