@@ -1,6 +1,7 @@
 """`make bench`, backend section: settled payments per second through the HTTP API (two uvicorn workers, batches
 of 500 payee records) on SQLite and PostgreSQL, beside this machine's raw limit: P-256 verifications per second
-with `cryptography` on every core, divided by the signatures a payment needs (the payer's and the payee's)."""
+with `cryptography` on every core, divided by the signatures a payment needs (the payer's and the payee's).
+PostgreSQL, the database with the target, runs three times on fresh databases and shows the median run."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ BATCH = 500
 PAYERS_PER_BATCH = 50  # each pays 10 times: chains of 10 counters per payer in every batch
 SIGS_PER_PAYMENT = 2
 CLIENTS = 4
+RUNS = 3  # runs of the database with a target (PostgreSQL): the row is the median one
 # 60 batches over 4 relays: the ramp at the start and the last round's idle cores weigh little in the total
 
 
@@ -214,35 +216,45 @@ def run_backend(rows: list[dict], n_batches: int = 60) -> None:
         kinds = ["sqlite"] + (["postgresql"] if pg_reachable() else [])
         for kind in kinds:
             payer_certs, payee_certs, batches = make_batches(issuer, tmp, n_batches)
-            cleanup = None
-            if kind == "sqlite":
-                url = f"sqlite:///{tmp}/bench-{time.time_ns()}.db"
-            else:
-                from tests.backend_rig import make_database
-
-                d = make_database("postgresql", tmp)
-                url, cleanup = d.url, d.cleanup
-            try:
-                setup_database(url, issuer, backend_key, payer_certs, payee_certs)
-                # the limit: the best measured in this bench, before the first run and right before this one
-                rate = max(rate, raw_verify_rate()[0])
-                limit = rate / SIGS_PER_PAYMENT
-                res = run_server_bench(url, str(key_path), batches)
-            finally:
-                if cleanup:
-                    cleanup()
-            share = res["per_s"] / limit
             target = targets.get(kind)
+            # This machine's speed drifts by 10-20% within minutes, so the database with a target runs RUNS times,
+            # each on a fresh database with the limit measured again; the median run is the row.
+            runs = []
+            for _ in range(RUNS if target else 1):
+                cleanup = None
+                if kind == "sqlite":
+                    url = f"sqlite:///{tmp}/bench-{time.time_ns()}.db"
+                else:
+                    from tests.backend_rig import make_database
+
+                    d = make_database("postgresql", tmp)
+                    url, cleanup = d.url, d.cleanup
+                try:
+                    setup_database(url, issuer, backend_key, payer_certs, payee_certs)
+                    # the limit: the best measured in this bench, before the first run and right before this one
+                    rate = max(rate, raw_verify_rate()[0])
+                    res = run_server_bench(url, str(key_path), batches)
+                finally:
+                    if cleanup:
+                        cleanup()
+                runs.append((res["per_s"] / (rate / SIGS_PER_PAYMENT), rate, res))
+            runs.sort(key=lambda r: r[0])
+            share, run_rate, res = runs[len(runs) // 2]
+            limit = run_rate / SIGS_PER_PAYMENT
             met = "" if target is None else (" ok" if share >= target else " MISS")
             # of the CPU the server and the database spend on a payment, how much the two verifications take:
             # the load-independent view of the same ratio
             db_us = res["db_us"] if kind != "sqlite" else 0.0
-            verify_share = (SIGS_PER_PAYMENT * cores / rate * 1e6) / (res["server_us"] + db_us)
+            verify_share = (SIGS_PER_PAYMENT * cores / run_rate * 1e6) / (res["server_us"] + db_us)
             print(f"{kind:12} {res['settled']:>9} {limit:>8,.0f} {res['per_s']:>10,.0f} {share:>8.0%} "
                   f"{'>= 60%' if target else '':>8} {res['p50_ms']:>8.0f} {res['p99_ms']:>8.0f} "
                   f"{res['server_us']:>14.0f} {db_us:>10.0f} {verify_share:>12.0%}{met}", flush=True)
+            if len(runs) > 1:
+                print(f"{'':12} the median of {len(runs)} runs, each of limit: "
+                      f"{', '.join(f'{r[0]:.0%}' for r in runs)}", flush=True)
             rows.append({"measure": f"backend settled payments/s, {kind}", "value": round(res["per_s"]),
                          "raw_limit": round(limit), "share": round(share, 3), "target": target,
+                         "runs_share": [round(r[0], 3) for r in runs],
                          "p50_upload_ms": round(res["p50_ms"]), "p99_upload_ms": round(res["p99_ms"]),
                          "server_cpu_us_per_payment": round(res["server_us"]),
                          "db_cpu_us_per_payment": round(res["db_us"]) if kind != "sqlite" else None,
