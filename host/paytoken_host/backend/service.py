@@ -21,10 +21,10 @@ ISSUER_SETTING = "issuer_pub"
 STATUS_LEN = len(wire.status_body(bytes(wire.ID_LEN), bytes(wire.TXID_LEN), wire.ST_SETTLED, 0)) + wire.SIG_LEN
 VOUCHER_LEN = len(wire.voucher_body(bytes(wire.ID_LEN), 1, 1, 840, 0)) + wire.SIG_LEN
 STATUS_PAGE = 1000
-
-
+# the upload rate's count on PostgreSQL, as one statement (Backend.check_rate)
 _PG_COUNT_UPLOAD = ('INSERT INTO rate_limits (key, "window", count) VALUES (%s, %s, 1) ON CONFLICT (key, "window") '
                     'DO UPDATE SET count = rate_limits.count + 1 RETURNING count')
+
 
 class Backend:
     def __init__(self, engine: Engine, backend_key: ec.EllipticCurvePrivateKey | None, expiry: int = 30 * DAY,

@@ -26,7 +26,7 @@ import random
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -91,7 +91,7 @@ def is_retryable(e: Exception) -> bool:
     return code in ("40001", "40P01") or "database is locked" in str(e)
 
 
-def lock_devices(conn: Connection, ids: set[bytes], payees_of: list[bytes] = ()) -> dict[bytes, dict]:
+def lock_devices(conn: Connection, ids: set[bytes], payees_of: Sequence[bytes] = ()) -> dict[bytes, dict]:
     """The device rows, locked FOR UPDATE in device-id order (PostgreSQL; SQLite's writer holds the database):
     those of `ids` and of the payees of the open payments of the payers `payees_of` (settled here too, so locked
     in the same ordered round: a later, out-of-order lock could deadlock with another upload)."""
