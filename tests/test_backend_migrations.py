@@ -48,3 +48,23 @@ def test_open_payments_index_is_partial_and_downgrades(engine):
     migrate.upgrade(engine)
     with engine.connect() as conn:
         assert "ix_payments_open" in {i["name"] for i in inspect(conn).get_indexes("payments")}
+
+
+@pytest.mark.parametrize("engine", database_params()[1:], indirect=True)  # PostgreSQL's (skipped, saying why, without)
+def test_open_payments_lookup_uses_the_partial_index(engine):
+    """The lookup every upload makes on PostgreSQL (the payees of its payers' open payments, inside the device
+    lock) reads the partial index: the payer index would visit every payment those payers ever made."""
+    from paytoken_host.backend.settle import PG_LOCK_WITH_PAYEES
+
+    migrate.upgrade(engine)
+    payers = [i.to_bytes(8, "big") for i in range(200)]
+    rows = [{"txid": (p + n.to_bytes(8, "big")), "payer_id": p, "payee_id": bytes(8), "counter": n, "amount": 1,
+             "currency": 840, "payment_hash": bytes(32), "payment": b"p", "state": "settled" if n else "held",
+             "created_at": 0} for p in payers for n in range(25)]
+    with db.write_tx(engine) as conn:
+        db.insert_many(conn, db.payments, rows)
+        conn.exec_driver_sql("ANALYZE payments")
+        cur = conn.connection.driver_connection.cursor()
+        cur.execute("EXPLAIN " + PG_LOCK_WITH_PAYEES, [[bytes(8)], payers[:50]])
+        plan = "\n".join(r[0] for r in cur.fetchall())
+    assert "ix_payments_open" in plan and "Seq Scan on payments" not in plan, plan

@@ -91,14 +91,16 @@ def is_retryable(e: Exception) -> bool:
     return code in ("40001", "40P01") or "database is locked" in str(e)
 
 
+PG_LOCK_WITH_PAYEES = (f"SELECT * FROM devices WHERE device_id = ANY(array_cat(%b::bytea[], ARRAY(SELECT payee_id "
+                       f"FROM payments WHERE payer_id = ANY(%b::bytea[]) AND {OPEN}))) ORDER BY device_id FOR UPDATE")
+
+
 def lock_devices(conn: Connection, ids: set[bytes], payees_of: Sequence[bytes] = ()) -> dict[bytes, dict]:
     """The device rows, locked FOR UPDATE in device-id order (PostgreSQL; SQLite's writer holds the database):
     those of `ids` and of the payees of the open payments of the payers `payees_of` (settled here too, so locked
     in the same ordered round: a later, out-of-order lock could deadlock with another upload)."""
     if payees_of and conn.dialect.name == "postgresql":  # one statement: the payees' lookup inside the lock's
-        sql = (f"SELECT * FROM devices WHERE device_id = ANY(array_cat(%b::bytea[], ARRAY(SELECT payee_id FROM "
-               f"payments WHERE payer_id = ANY(%b::bytea[]) AND {OPEN}))) ORDER BY device_id FOR UPDATE")
-        return {r["device_id"]: r for r in db.pg_rows(conn, sql, [sorted(ids), list(payees_of)])}
+        return {r["device_id"]: r for r in db.pg_rows(conn, PG_LOCK_WITH_PAYEES, [sorted(ids), list(payees_of)])}
     if payees_of:
         ids = ids | {r["payee_id"] for r in rows_where_any(conn, db.payments, "payer_id", payees_of, OPEN,
                                                            columns=("payee_id",))}
