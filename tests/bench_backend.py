@@ -18,8 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
 from paytoken import reasons, wire
 from paytoken.ledger import Ledger
 from paytoken_host import protocol
@@ -159,24 +157,27 @@ def run_server_bench(url: str, key_path: str, batches: list[str]) -> dict:
     latencies: list[float] = []
     settled = 0
     try:
-        httpx.get(f"http://127.0.0.1:{port}/health")  # warm-up (imports, caches); not counted
+        def request(method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+            # A connection per request, as sync bridges make (each relays one device's sync): four kept-alive
+            # connections would stay with whichever worker accepted them, often three on one and one on the other.
+            # The standard library's client: the relays share the server's cores here, so they spend little.
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                conn.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+                r = conn.getresponse()
+                return r.status, r.read()
+            finally:
+                conn.close()
+
+        request("GET", "/health")  # warm-up (imports, caches); not counted
         bodies = [b.encode() for b in batches]
 
         def post(body: bytes) -> tuple[float, int]:
-            # A connection per upload, as sync bridges make (each relays one device's sync): four kept-alive
-            # connections would stay with whichever worker accepted them, often three on one and one on the other.
-            # The standard library's client: the relays share the server's cores here, so they spend little.
             t0 = time.perf_counter()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            try:
-                conn.request("POST", "/v1/uploads", body, {"Content-Type": "application/json"})
-                r = conn.getresponse()
-                data = r.read()
-            finally:
-                conn.close()
+            status, data = request("POST", "/v1/uploads", body)
             dt = time.perf_counter() - t0
-            if r.status != 200:
-                raise RuntimeError(f"upload failed: {r.status} {data[:300]!r}")
+            if status != 200:
+                raise RuntimeError(f"upload failed: {status} {data[:300]!r}")
             return dt, json.loads(data)["settled"]
 
         cpu0 = (_server_cpu(server.pid), _postgres_cpu(), time.process_time())

@@ -43,10 +43,14 @@ def _der_int(b: bytes) -> bytes:
 
 
 def der_signature(sig: bytes) -> bytes:
-    """The DER (X9.62) form of a raw 64-byte r || s signature, built from the bytes: the backend converts two per
-    payment, and this costs a third of encode_dss_signature over integers. At most 70 bytes: short lengths."""
+    """The DER (X9.62) form of a raw 64-byte r || s signature, built from the bytes (the backend converts two per
+    payment: 0.83 us each against 0.97 through integers and encode_dss_signature). At most 70 bytes: short
+    lengths."""
     body = _der_int(sig[:32]) + _der_int(sig[32:64])
     return b"\x30" + bytes((len(body),)) + body
+
+
+_ECDSA = ec.ECDSA(hashes.SHA256())
 
 
 def verifies(key: ec.EllipticCurvePublicKey, raw: bytes) -> bool:
@@ -58,9 +62,6 @@ def verifies(key: ec.EllipticCurvePublicKey, raw: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
-
-
-_ECDSA = ec.ECDSA(hashes.SHA256())
 
 
 def signed_by(pub: bytes, raw: bytes) -> bool:
