@@ -154,3 +154,16 @@ def test_each_worker_delivers_the_outbox_in_the_background(env):
         while not bank.applied and time.time() < deadline:
             time.sleep(0.05)
     assert list(bank.applied) == [f"voucher:{payer.device_id.hex()}:1"] and pending(backend) == []
+
+
+def test_settlement_body_is_the_generic_event_json() -> None:
+    """The settlement event written out directly is byte for byte what event_body makes of the same fields."""
+    rows = [{"txid": bytes([i]) * 16, "payer_id": bytes([i, 0xFF]) * 4, "payee_id": bytes(8), "amount": a,
+             "currency": 840, "state": "settled"} for i, a in ((1, 1), (2, 4_294_967_295), (0xAB, 0))]
+    for key, entry, settled in (("settle:00ff00ff00ff00ff:7", 12, rows), ('odd "key"\\', 0, rows[:1]),
+                                ("settle:x:1", 3, [])):
+        expected = outbox.event_body(key, "settlement", {
+            "payments": [{"txid": r["txid"].hex(), "payer": r["payer_id"].hex(), "payee": r["payee_id"].hex(),
+                          "amount": r["amount"], "currency": r["currency"]} for r in settled],
+            "journal_entry": entry}, 1_790_000_000)
+        assert outbox.settlement_body(key, entry, settled, 1_790_000_000) == expected

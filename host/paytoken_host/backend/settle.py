@@ -49,7 +49,6 @@ _DEVICE_STATE = ("synced_seq", "synced_hash", "payer_counter", "prev_hash", "off
 _device_state = operator.itemgetter(*_DEVICE_STATE)  # a device row's state, as a tuple to compare
 
 
-_PARTIES = (("payer_id", "payer_status", "payer_upd"), ("payee_id", "payee_status", "payee_upd"))  # Ctx.tell
 _SPENT = struct.Struct(">I")  # payment offsets (protocol.md section 4): offline spending at 44, time at 120
 _TIME = _SPENT
 
@@ -165,13 +164,16 @@ class Ctx:
             self.dirty.add(row["txid"])
 
     def tell(self, row: dict, payer_status: int | None, payee_status: int | None) -> None:
-        """Queue the backend-signed statuses the payer and payee fetch (signed when they fetch them)."""
-        for (who, st, upd), status in zip(_PARTIES, (payer_status, payee_status), strict=True):
-            if status is None or row[st] == status:
-                continue
-            dev = self.devs[row[who]]
-            dev["update_seq"] += 1
-            row[st], row[upd] = status, dev["update_seq"]
+        """Queue the backend-signed statuses the payer and payee fetch (signed when they fetch them): each party's
+        status changed takes the next number of that device's update sequence."""
+        if payer_status is not None and row["payer_status"] != payer_status:
+            dev = self.devs[row["payer_id"]]
+            dev["update_seq"] = row["payer_upd"] = dev["update_seq"] + 1
+            row["payer_status"] = payer_status
+        if payee_status is not None and row["payee_status"] != payee_status:
+            dev = self.devs[row["payee_id"]]
+            dev["update_seq"] = row["payee_upd"] = dev["update_seq"] + 1
+            row["payee_status"] = payee_status
         self.touch(row)
 
     def finish(self, row: dict, state: str, reason: str | None, payer_status: int | None,
@@ -584,11 +586,8 @@ class Settlement:
                                  dict(ctx.deltas), ctx.now)
             for row in ctx.settled:
                 row["entry_id"] = entry
-            outbox.enqueue(conn, f"settle:{b.device_id.hex()}:{b.upto_seq}", "settlement", {
-                "payments": [{"txid": r["txid"].hex(), "payer": r["payer_id"].hex(), "payee": r["payee_id"].hex(),
-                              "amount": r["amount"], "currency": r["currency"]} for r in ctx.settled],
-                "journal_entry": entry,
-            }, ctx.now)
+            key = f"settle:{b.device_id.hex()}:{b.upto_seq}"
+            outbox.enqueue(conn, key, "settlement", outbox.settlement_body(key, entry, ctx.settled, ctx.now), ctx.now)
         self._write_rows(ctx)
         me["synced_seq"], me["synced_hash"] = b.upto_seq, b.head.chain_hash
         state = _device_state
@@ -675,9 +674,10 @@ class Settlement:
                 conn.execute(update(db.devices).where(db.devices.c.device_id == dev["device_id"])
                              .values(update_seq=dev["update_seq"]))
             if done:
-                outbox.enqueue(conn, f"refund:{now}:{due[0].txid.hex()}", "refund", {
+                key = f"refund:{now}:{due[0].txid.hex()}"
+                outbox.enqueue(conn, key, "refund", outbox.event_body(key, "refund", {
                     "payments": [{"txid": t.hex(), "payer": r["payer_id"].hex(), "amount": r["amount"]}
-                                 for t, r in ctx.rows.items()]}, now)
+                                 for t, r in ctx.rows.items()]}, now), now)
         return done
 
 
