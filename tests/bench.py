@@ -17,7 +17,7 @@ then the same over USB serial (tests/bench_sync_serial.py): the apps running, ho
 simulated USB-UART bridge's pseudo-terminal at 115200 baud.
 The last table is the settlement backend's (tests/bench_backend.py): settled payments per second through its HTTP
 API on SQLite and PostgreSQL beside the machine's P-256 verification limit (PostgreSQL, which has the target, is
-run three times: its row is the median run).
+run five times, each against the limit measured right before and after it: its row is the median run).
 """
 
 from __future__ import annotations
