@@ -1,6 +1,6 @@
 """The settlement backend's own cost per payment, in CPU instructions: a measure that does not drift with the
 machine's speed, for comparing two versions of the upload path (`make bench`'s rates on this machine vary by
-10-20% from one minute to the next; instruction counts by 0.3%).
+10-20% from one minute to the next; instruction counts by about 1%).
 
     .venv/bin/python -m tests.bench_backend_instructions [--db sqlite|postgresql]
 
