@@ -27,21 +27,19 @@ FEW, MORE = 3, 8  # uploads of 500 payments each: the difference is 2,500 paymen
 
 def _child(url: str, key_der: str, batches_file: str, uploads: int) -> None:
     """The measured process: `uploads` uploads of the saved batches through Backend.upload, signatures accepted."""
-    import gc
     import json
 
     from cryptography.hazmat.primitives import serialization
 
     from paytoken_host import protocol
-    from paytoken_host.backend import db
+    from paytoken_host.backend import api, db
     from paytoken_host.backend.service import Backend
 
     protocol.verifies = lambda key, raw: True  # noqa: ARG005 (the one thing not measured here: see the docstring)
     batches = json.loads(Path(batches_file).read_text())
     key = serialization.load_der_private_key(bytes.fromhex(key_der), None)
     backend = Backend(db.make_engine(url), key, upload_rate=10**9)
-    gc.freeze()  # as the server's workers run (api.app_from_env)
-    gc.set_threshold(20_000, 20, 20)
+    api.tune_collector()  # as the server's workers run
     for body in batches[:uploads]:
         backend.check_rate("bench")
         status, result = backend.upload(body.encode())

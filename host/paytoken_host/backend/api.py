@@ -221,10 +221,15 @@ def _background(be: Backend, config: Config, stop: threading.Event) -> None:
 def app_from_env() -> FastAPI:
     """uvicorn factory for `paytoken-backend serve` (each worker process builds its app from the environment)."""
     app = create_app()
+    tune_collector()
+    return app
+
+
+def tune_collector() -> None:
+    """The cycle collector as a worker runs it, set once the worker's modules and app are built."""
     # An upload allocates tens of container objects per record and frees them itself (no cycles): at the default
     # threshold (700 net allocations) the cycle collector ran some ten times per upload, about 5 us of CPU per
     # payment. The startup's objects (modules, app) are frozen out of every collection; the young generation is
     # collected every 20,000 net allocations, which still bounds what garbage cycles can hold.
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    return app

@@ -45,8 +45,17 @@ def settlement_body(key: str, entry: int, payments: list[dict], now: int) -> str
     return _SETTLEMENT % (now, json.dumps(key), entry, items)
 
 
-def enqueue(conn: Connection, key: str, kind: str, body: str, now: int) -> None:
-    """Queues an event (its body from event_body or settlement_body) in the caller's transaction."""
+def enqueue(conn: Connection, key: str, kind: str, payload: dict, now: int) -> None:
+    """Queues an event (payload: its fields besides kind, key and time) in the caller's transaction."""
+    _insert(conn, key, kind, event_body(key, kind, payload, now), now)
+
+
+def enqueue_settlement(conn: Connection, key: str, entry: int, payments: list[dict], now: int) -> None:
+    """enqueue of a settlement's event: journal entry `entry` and the settled payment rows."""
+    _insert(conn, key, "settlement", settlement_body(key, entry, payments, now), now)
+
+
+def _insert(conn: Connection, key: str, kind: str, body: str, now: int) -> None:
     # the same event queued before: once is enough (ON CONFLICT, not a savepoint: two round trips fewer)
     conn.execute(db.upsert(conn, db.outbox).values(idempotency_key=key, kind=kind, body=body, created_at=now,
                                                    attempts=0, next_attempt_at=now).on_conflict_do_nothing(

@@ -125,10 +125,9 @@ class Backend:
                          .values(vouchers_issued=counter))
             entry = journal.post(conn, "topup", f"voucher:{device_id.hex()}:{counter}",
                                  {journal.BANK: -amount, journal.offline(device_id): amount}, now)
-            key = f"voucher:{device_id.hex()}:{counter}"
-            outbox.enqueue(conn, key, "topup", outbox.event_body(key, "topup", {
+            outbox.enqueue(conn, f"voucher:{device_id.hex()}:{counter}", "topup", {
                 "device": device_id.hex(), "counter": counter, "amount": amount, "currency": cert.currency,
-                "journal_entry": entry}, now), now)
+                "journal_entry": entry}, now)
         return {"voucher": raw.hex(), "counter": counter, "created": True}
 
     # ---- devices and relays ----

@@ -586,8 +586,7 @@ class Settlement:
                                  dict(ctx.deltas), ctx.now)
             for row in ctx.settled:
                 row["entry_id"] = entry
-            key = f"settle:{b.device_id.hex()}:{b.upto_seq}"
-            outbox.enqueue(conn, key, "settlement", outbox.settlement_body(key, entry, ctx.settled, ctx.now), ctx.now)
+            outbox.enqueue_settlement(conn, f"settle:{b.device_id.hex()}:{b.upto_seq}", entry, ctx.settled, ctx.now)
         self._write_rows(ctx)
         me["synced_seq"], me["synced_hash"] = b.upto_seq, b.head.chain_hash
         state = _device_state
@@ -674,10 +673,9 @@ class Settlement:
                 conn.execute(update(db.devices).where(db.devices.c.device_id == dev["device_id"])
                              .values(update_seq=dev["update_seq"]))
             if done:
-                key = f"refund:{now}:{due[0].txid.hex()}"
-                outbox.enqueue(conn, key, "refund", outbox.event_body(key, "refund", {
+                outbox.enqueue(conn, f"refund:{now}:{due[0].txid.hex()}", "refund", {
                     "payments": [{"txid": t.hex(), "payer": r["payer_id"].hex(), "amount": r["amount"]}
-                                 for t, r in ctx.rows.items()]}, now), now)
+                                 for t, r in ctx.rows.items()]}, now)
         return done
 
 

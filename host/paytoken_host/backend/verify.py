@@ -9,13 +9,12 @@ import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
-
-from cryptography.hazmat.primitives.asymmetric import ec
+from functools import cache
 
 from paytoken import wire
 from paytoken_host import protocol
 from paytoken_host.backend import formats as F
+from paytoken_host.protocol import signed_by  # the backend's checks: the host's (keys cached there)
 
 
 class Reject(Exception):
@@ -25,21 +24,6 @@ class Reject(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-@lru_cache(maxsize=65536)
-def public_key(pub: bytes) -> ec.EllipticCurvePublicKey:
-    """Parsed public keys, cached: keys are immutable, so caching them keeps no state."""
-    return ec.EllipticCurvePublicKey.from_encoded_point(protocol.CURVE, pub)
-
-
-def signed_by(pub: bytes, raw: bytes) -> bool:
-    """protocol.signed_by with the parsed key cached."""
-    try:
-        key = public_key(pub)
-    except ValueError:
-        return False
-    return protocol.verifies(key, raw)
 
 
 def check_cert(raw: bytes, issuer_pub: bytes) -> wire.Certificate:
